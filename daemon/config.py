@@ -1,0 +1,237 @@
+"""One typed, frozen config object, validated completely at start-up.
+
+The file is TOML; every section maps onto a frozen dataclass below. Unknown keys and wrong
+types are errors, so a typo is never silently ignored. Every message is one line that names
+the file and the dotted key: ``config.toml: policy.max_lifetime_days: must be >= 1``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from daemon.errors import ConfigError
+
+DEFAULT_PATHS = (Path("/etc/groupgate/config.toml"), Path("config.toml"))
+ENV_CONFIG = "GROUPGATE_CONFIG"
+
+_DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w)?\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str, *, default_unit: str = "s") -> timedelta:
+    """Parse ``90``, ``45s``, ``5m``, ``12h``, ``30d`` or ``2w``; ValueError otherwise."""
+    m = _DURATION.match(text)
+    if not m:
+        raise ValueError(f"{text!r} is not a duration like 30s, 5m, 12h, 30d or 2w")
+    return timedelta(seconds=int(m.group(1)) * _UNIT_SECONDS[m.group(2) or default_unit])
+
+
+# Validators take the converted value and return an error text, or None when fine.
+Check = Callable[[Any], "str | None"]
+
+
+def _range(lo: float | None = None, hi: float | None = None) -> Check:
+    def check(v: Any) -> str | None:
+        if lo is not None and v < lo:
+            return f"must be >= {lo}"
+        if hi is not None and v > hi:
+            return f"must be <= {hi}"
+        return None
+
+    return check
+
+
+def _one_of(*choices: str) -> Check:
+    def check(v: Any) -> str | None:
+        return None if v in choices else f"must be one of {', '.join(choices)}"
+
+    return check
+
+
+def _store_url(v: Any) -> str | None:
+    if not isinstance(v, str) or not v.startswith(("sqlite://", "postgresql")):
+        return "must be a sqlite:/// path URL or a postgresql+psycopg:// URL"
+    if v.startswith("postgresql") and not v.startswith("postgresql+psycopg://"):
+        return "PostgreSQL URLs must use the psycopg 3 driver: postgresql+psycopg://"
+    return None
+
+
+def _opt(check: Check | None = None, *, duration: bool = False) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    if check is not None:
+        meta["check"] = check
+    if duration:
+        meta["duration"] = True
+    return meta
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    url: str = field(default="sqlite:////var/lib/groupgate/groupgate.db",
+                     metadata=_opt(_store_url))
+    retention_days: int = field(default=90, metadata=_opt(_range(1, 36500)))
+
+    def __repr__(self) -> str:
+        return f"StoreConfig(url={redact_url(self.url)!r}, retention_days={self.retention_days})"
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    max_lifetime_days: int = field(default=90, metadata=_opt(_range(1, 3650)))
+    default_lifetime_days: int = field(default=30, metadata=_opt(_range(1, 3650)))
+    max_tokens_per_user: int = field(default=10, metadata=_opt(_range(1, 10000)))
+
+
+@dataclass(frozen=True)
+class Argon2Config:
+    time_cost: int = field(default=1, metadata=_opt(_range(1, 100)))
+    memory_kib: int = field(default=8192, metadata=_opt(_range(8, 4 * 1024 * 1024)))
+    parallelism: int = field(default=1, metadata=_opt(_range(1, 64)))
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    last_used_resolution_seconds: int = field(default=60, metadata=_opt(_range(0, 86400)))
+    cache_size: int = field(default=10000, metadata=_opt(_range(0, 10_000_000)))
+    max_failures: int = field(default=10, metadata=_opt(_range(1, 100000)))
+    failure_window_seconds: int = field(default=60, metadata=_opt(_range(1, 86400)))
+    argon2: Argon2Config = field(default_factory=Argon2Config)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: str = field(default="auto", metadata=_opt(_one_of("auto", "json", "console")))
+    level: str = field(default="info",
+                       metadata=_opt(_one_of("debug", "info", "warning", "error")))
+
+
+@dataclass(frozen=True)
+class Config:
+    store: StoreConfig = field(default_factory=StoreConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    source: str = field(default="<defaults>", compare=False)
+
+
+def redact_url(url: str) -> str:
+    """Hide a password in a database URL so it can be logged or shown."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+def _type_name(tp: Any) -> str:
+    names = {int: "an integer", str: "a string", bool: "true or false", float: "a number"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _convert(value: Any, tp: Any, where: str, file: str, meta: Mapping[str, Any]) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{file}: {where}: must be a table")
+        return _build(tp, value, where, file)
+    if origin in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], where, file, meta)
+    if origin is tuple:
+        (item_tp, _) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{file}: {where}: must be a list")
+        return tuple(_convert(v, item_tp, f"{where}[{i}]", file, {})
+                     for i, v in enumerate(value))
+    if meta.get("duration"):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return timedelta(seconds=value)
+        if isinstance(value, str):
+            try:
+                return parse_duration(value)
+            except ValueError as exc:
+                raise ConfigError(f"{file}: {where}: {exc}") from None
+        raise ConfigError(f"{file}: {where}: must be a duration such as \"5m\"")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if (tp is int and isinstance(value, bool)) or not isinstance(value, tp):
+        raise ConfigError(f"{file}: {where}: must be {_type_name(tp)}, not {value!r}")
+    return value
+
+
+def _build(cls: Any, table: Mapping[str, Any], prefix: str, file: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    for key in table:
+        if key not in fields:
+            where = f"{prefix}.{key}" if prefix else key
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{file}: {where}: unknown key (known here: {known})")
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        if name not in table:
+            continue
+        where = f"{prefix}.{name}" if prefix else name
+        value = _convert(table[name], hints[name], where, file, f.metadata)
+        check = f.metadata.get("check")
+        if check is not None:
+            problem = check(value)
+            if problem:
+                raise ConfigError(f"{file}: {where}: {problem}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _cross_checks(cfg: Config, file: str) -> None:
+    if cfg.policy.default_lifetime_days > cfg.policy.max_lifetime_days:
+        raise ConfigError(f"{file}: policy.default_lifetime_days: must not exceed "
+                          f"policy.max_lifetime_days ({cfg.policy.max_lifetime_days})")
+
+
+def parse_config(data: Mapping[str, Any], file: str = "<config>") -> Config:
+    cfg = _build(Config, data, "", file)
+    cfg = dataclasses.replace(cfg, source=file)
+    _cross_checks(cfg, file)
+    return typing.cast(Config, cfg)
+
+
+def find_config(path: str | os.PathLike[str] | None = None) -> Path | None:
+    """The explicit path, else $GROUPGATE_CONFIG, else the first default path that exists."""
+    if path is not None:
+        return Path(path)
+    env = os.environ.get(ENV_CONFIG)
+    if env:
+        return Path(env)
+    for candidate in DEFAULT_PATHS:
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read and validate the config; without any file the embedded defaults apply."""
+    found = find_config(path)
+    if found is None:
+        return Config()
+    name = str(found)
+    try:
+        raw = found.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{name}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{name}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{name}: invalid TOML: {exc}") from None
+    return parse_config(data, name)

@@ -1,0 +1,100 @@
+"""Plain records shared by the core and the adapters; no database or LDAP types leak past here."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, NamedTuple
+
+from daemon.tokens import display_id
+
+
+class Status(enum.StrEnum):
+    ACTIVE = "active"
+    SUSPENDED = "suspended"
+    EXPIRED = "expired"
+    REVOKED = "revoked"
+
+    @property
+    def final(self) -> bool:
+        """Expired and revoked are final: nothing ever brings such a token back."""
+        return self in (Status.EXPIRED, Status.REVOKED)
+
+
+NON_FINAL = (Status.ACTIVE, Status.SUSPENDED)
+
+
+def canonical_username(name: str) -> str:
+    """Directory names compare case-insensitively; this is the one rule, used everywhere."""
+    return name.strip().casefold()
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    """A token as stored, without its secret hash."""
+
+    id: str
+    owner: str
+    name: str
+    status: Status
+    status_reason: str | None
+    created_at: datetime
+    expires_at: datetime
+    status_changed_at: datetime
+    last_used_at: datetime | None
+    created_by: str
+
+    @property
+    def display_id(self) -> str:
+        return display_id(self.id)
+
+
+class VerifyRow(NamedTuple):
+    """What verify needs from the store, read by one primary-key lookup.
+
+    A NamedTuple rather than a frozen dataclass: it is built on every verify call, and this
+    is three times cheaper.
+    """
+
+    owner: str
+    secret_hash: str
+    status: str
+    status_reason: str | None
+    expires_at: datetime
+    last_used_at: datetime | None
+
+    def __repr__(self) -> str:
+        return (f"VerifyRow(owner={self.owner!r}, status={self.status!r}, "
+                f"expires_at={self.expires_at!r})")
+
+
+@dataclass(frozen=True)
+class StatusChange:
+    """One planned status change; applied only if the token is still in `from_status`."""
+
+    kind: str  # suspend | reactivate | expire | revoke
+    token_id: str
+    owner: str
+    from_status: Status
+    to_status: Status
+    reason: str | None
+
+    def describe(self, *, dry_run: bool = False) -> str:
+        verb = {"suspend": "suspend", "reactivate": "reactivate", "expire": "expire",
+                "revoke": "revoke"}.get(self.kind, self.kind)
+        head = f"would {verb}" if dry_run else verb.capitalize()
+        tail = f": {self.reason}" if self.reason else ""
+        return f"{head} {display_id(self.token_id)} of {self.owner}{tail}"
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    token_id: str | None
+    owner: str | None
+    reason: str | None
+    details: dict[str, Any]

@@ -1,0 +1,517 @@
+"""The SQLAlchemy adapter: tables, schema checks and the `TokenStore` repository.
+
+Only this module (and the alembic migrations) import SQLAlchemy. Every write that changes a
+token also writes its audit row in the same transaction. SQLite runs in WAL mode with a busy
+timeout and foreign keys on; write transactions start with BEGIN IMMEDIATE so two writers
+queue on the busy timeout instead of deadlocking on a lock upgrade.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.pool import NullPool
+
+from daemon.config import redact_url
+from daemon.errors import BadInput, SchemaMismatch, StoreUnavailable
+from daemon.model import (
+    NON_FINAL,
+    AuditRecord,
+    Status,
+    StatusChange,
+    TokenRecord,
+    VerifyRow,
+)
+
+SQLITE_BUSY_TIMEOUT_MS = 5000
+VERIFY_BUSY_TIMEOUT_MS = 200
+
+
+class UTCDateTime(sa.types.TypeDecorator[datetime]):
+    """Timezone-aware UTC on every backend: SQLite stores naive UTC text, PostgreSQL timestamptz."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store; use timezone-aware UTC")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+_NON_FINAL_SQL = "status IN ('active', 'suspended')"
+
+
+class TokenRow(Base):
+    __tablename__ = "tokens"
+
+    id: Mapped[str] = mapped_column(sa.String(16), primary_key=True)
+    owner: Mapped[str] = mapped_column(sa.String(256), index=True)
+    name: Mapped[str] = mapped_column(sa.String(64))
+    secret_hash: Mapped[str] = mapped_column(sa.String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    status: Mapped[str] = mapped_column(sa.String(16), index=True)
+    status_reason: Mapped[str | None] = mapped_column(sa.String(64))
+    status_changed_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    created_by: Mapped[str] = mapped_column(sa.String(256))
+
+    __table_args__ = (
+        sa.CheckConstraint("status IN ('active', 'suspended', 'expired', 'revoked')",
+                           name="ck_tokens_status"),
+        sa.Index("uq_tokens_owner_name_live", "owner", "name", unique=True,
+                 sqlite_where=sa.text(_NON_FINAL_SQL),
+                 postgresql_where=sa.text(_NON_FINAL_SQL)),
+    )
+
+
+class AuditRow(Base):
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    actor: Mapped[str] = mapped_column(sa.String(256))
+    action: Mapped[str] = mapped_column(sa.String(32))
+    token_id: Mapped[str | None] = mapped_column(sa.String(16), index=True)
+    owner: Mapped[str | None] = mapped_column(sa.String(256), index=True)
+    reason: Mapped[str | None] = mapped_column(sa.String(256))
+    details: Mapped[str] = mapped_column(sa.Text, default="{}")
+
+
+metadata = Base.metadata
+tokens_t: sa.Table = TokenRow.__table__  # type: ignore[assignment]
+audit_t: sa.Table = AuditRow.__table__  # type: ignore[assignment]
+
+
+def _is_sqlite(url: str) -> bool:
+    return url.startswith("sqlite")
+
+
+def _sqlite_path(url: str) -> Path | None:
+    u = sa.engine.make_url(url)
+    if not u.database or u.database == ":memory:":
+        return None
+    return Path(u.database)
+
+
+def _install_sqlite_hooks(engine: Engine, busy_timeout_ms: int) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (see _on_begin)
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def make_engine(url: str, *, verify_path: bool = False) -> Engine:
+    """An engine with per-backend settings; `verify_path` engines hold one connection per thread."""
+    kwargs: dict[str, Any] = {}
+    if verify_path:
+        kwargs["poolclass"] = NullPool
+    if _is_sqlite(url):
+        kwargs.setdefault("connect_args", {})["check_same_thread"] = False
+    else:
+        kwargs["pool_pre_ping"] = True
+        kwargs.setdefault("connect_args", {})["connect_timeout"] = 5
+    try:
+        engine = sa.create_engine(url, **kwargs)
+    except (SQLAlchemyError, ImportError, ValueError) as exc:
+        raise StoreUnavailable(f"store.url {redact_url(url)}: {_one_line(exc)}") from None
+    if _is_sqlite(url):
+        timeout = VERIFY_BUSY_TIMEOUT_MS if verify_path else SQLITE_BUSY_TIMEOUT_MS
+        _install_sqlite_hooks(engine, timeout)
+    return engine
+
+
+def _one_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+# --- schema (alembic) -----------------------------------------------------------------------
+
+def _alembic_config(connection: Connection | None = None) -> Any:
+    from alembic.config import Config as AlembicConfig
+
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", "daemon:migrations")
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+def _known_revisions() -> set[str]:
+    from alembic.script import ScriptDirectory
+
+    return {s.revision for s in ScriptDirectory.from_config(_alembic_config()).walk_revisions()}
+
+
+def _current_revision(conn: Connection) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    return MigrationContext.configure(conn).get_current_revision()
+
+
+# --- the repository ---------------------------------------------------------------------------
+
+def _token_from_row(r: Any) -> TokenRecord:
+    return TokenRecord(
+        id=r.id, owner=r.owner, name=r.name, status=Status(r.status),
+        status_reason=r.status_reason, created_at=r.created_at, expires_at=r.expires_at,
+        status_changed_at=r.status_changed_at, last_used_at=r.last_used_at,
+        created_by=r.created_by)
+
+
+_TOKEN_COLUMNS = [c for c in tokens_t.c if c.name != "secret_hash"]
+
+
+def _sqlite_text(value: datetime) -> str:
+    """The exact text SQLAlchemy stores for a DateTime on SQLite, so comparisons stay lexical."""
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+class _ThreadConn:
+    """A DBAPI connection owned by one thread (and one process: a forked child reconnects)."""
+
+    __slots__ = ("__weakref__", "conn", "pid")
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.pid = os.getpid()
+
+
+def _close_quietly(conn: Any) -> None:
+    with contextlib.suppress(Exception):  # closing a broken connection must not raise
+        conn.close()
+
+
+class TokenStore:
+    """Token and audit persistence; one transaction per public write method."""
+
+    def __init__(self, url: str, *, check_schema: bool = True) -> None:
+        self.url = url
+        self.backend = "sqlite" if _is_sqlite(url) else "postgresql"
+        if self.backend == "sqlite":
+            path = _sqlite_path(url)
+            if path is not None and not path.parent.is_dir():
+                raise StoreUnavailable(
+                    f"store.url {url}: directory {path.parent} does not exist "
+                    "(run 'groupgate db upgrade' to create the store)")
+        self.engine = make_engine(url)
+        self._verify_engine: Engine | None = None
+        self._local = threading.local()
+        self._lookup_sql: str | None = None
+        self._touch_sql: str | None = None
+        self._positional = True
+        if check_schema:
+            self.check_schema()
+
+    def __repr__(self) -> str:
+        return f"TokenStore({redact_url(self.url)!r})"
+
+    def close(self) -> None:
+        self.engine.dispose()
+        if self._verify_engine is not None:
+            self._verify_engine.dispose()
+
+    # -- transactions and error mapping --
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        try:
+            eng = self.engine.execution_options(sqlite_begin="IMMEDIATE")
+            with eng.begin() as conn:
+                if self.backend == "postgresql":
+                    conn.exec_driver_sql("SET LOCAL lock_timeout = '10s'")
+                yield conn
+        except IntegrityError:
+            raise
+        except DBAPIError as exc:
+            raise StoreUnavailable(f"store unavailable: {_one_line(exc)}") from None
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        try:
+            with self.engine.connect() as conn:
+                yield conn
+        except DBAPIError as exc:
+            raise StoreUnavailable(f"store unavailable: {_one_line(exc)}") from None
+
+    # -- schema --
+
+    def schema_state(self) -> tuple[str | None, str]:
+        """(revision in the store, revision this release expects)."""
+        with self._read() as conn:
+            return _current_revision(conn), head_revision()
+
+    def check_schema(self) -> None:
+        current, head = self.schema_state()
+        if current == head:
+            return
+        if current is None:
+            raise SchemaMismatch(f"store {redact_url(self.url)} has no groupgate schema; "
+                                 "run 'groupgate db upgrade'")
+        if current not in _known_revisions():
+            raise SchemaMismatch(f"store schema {current} is newer than this groupgate "
+                                 f"(expects {head}); upgrade groupgate")
+        raise SchemaMismatch(f"store schema {current} is behind {head}; "
+                             "run 'groupgate db upgrade'")
+
+    def upgrade(self) -> tuple[str | None, str]:
+        """Create or upgrade the schema to this release's head; returns (before, after)."""
+        from alembic import command
+
+        with self._write() as conn:
+            before = _current_revision(conn)
+            if before is not None and before not in _known_revisions():
+                raise SchemaMismatch(f"store schema {before} is newer than this groupgate; "
+                                     "upgrade groupgate")
+            command.upgrade(_alembic_config(conn), "head")
+            after = _current_revision(conn)
+        assert after is not None
+        return before, after
+
+    # -- tokens --
+
+    def create_token(self, record: TokenRecord, secret_hash: str, *,
+                     precheck: Callable[[list[TokenRecord]], None],
+                     details: dict[str, Any] | None = None) -> None:
+        """Insert a token and its `created` audit row.
+
+        `precheck` sees the owner's live tokens inside the transaction (which holds the owner's
+        lock), so per-user caps and name rules cannot be raced past.
+        """
+        with self._write() as conn:
+            if self.backend == "postgresql":
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:o))"),
+                             {"o": "groupgate-owner:" + record.owner})
+            live = conn.execute(
+                sa.select(*_TOKEN_COLUMNS).where(
+                    tokens_t.c.owner == record.owner,
+                    tokens_t.c.status.in_([s.value for s in NON_FINAL]))
+            ).all()
+            precheck([_token_from_row(r) for r in live])
+            try:
+                conn.execute(sa.insert(tokens_t).values(
+                    id=record.id, owner=record.owner, name=record.name, secret_hash=secret_hash,
+                    created_at=record.created_at, expires_at=record.expires_at,
+                    status=record.status.value, status_reason=record.status_reason,
+                    status_changed_at=record.status_changed_at, last_used_at=None,
+                    created_by=record.created_by))
+            except IntegrityError:
+                raise BadInput(f"a live token named {record.name!r} already exists for "
+                               f"{record.owner}") from None
+            self._audit(conn, at=record.created_at, actor=record.created_by, action="created",
+                        token_id=record.id, owner=record.owner, reason=None,
+                        details={"name": record.name, "expires_at": record.expires_at.isoformat(),
+                                 **(details or {})})
+
+    def get_token(self, token_id: str) -> TokenRecord | None:
+        with self._read() as conn:
+            r = conn.execute(sa.select(*_TOKEN_COLUMNS).where(tokens_t.c.id == token_id)).first()
+        return _token_from_row(r) if r is not None else None
+
+    def list_tokens(self, *, owner: str | None = None, status: Status | None = None,
+                    statuses: Sequence[Status] | None = None) -> list[TokenRecord]:
+        q = sa.select(*_TOKEN_COLUMNS).order_by(tokens_t.c.owner, tokens_t.c.created_at,
+                                                tokens_t.c.id)
+        if owner is not None:
+            q = q.where(tokens_t.c.owner == owner)
+        if status is not None:
+            q = q.where(tokens_t.c.status == status.value)
+        if statuses is not None:
+            q = q.where(tokens_t.c.status.in_([s.value for s in statuses]))
+        with self._read() as conn:
+            return [_token_from_row(r) for r in conn.execute(q)]
+
+    def apply_changes(self, changes: Sequence[StatusChange], *, actor: str, now: datetime,
+                      details: dict[str, Any] | None = None) -> list[StatusChange]:
+        """Apply status changes and their audit rows in ONE transaction; all or nothing.
+
+        A change whose token is no longer in `from_status` (someone revoked it meanwhile) is
+        skipped, not forced: the returned list holds the changes that took effect.
+        """
+        applied: list[StatusChange] = []
+        with self._write() as conn:
+            for ch in changes:
+                res = conn.execute(
+                    sa.update(tokens_t)
+                    .where(tokens_t.c.id == ch.token_id, tokens_t.c.status == ch.from_status.value)
+                    .values(status=ch.to_status.value, status_reason=ch.reason,
+                            status_changed_at=now))
+                if res.rowcount != 1:
+                    continue
+                self._audit(conn, at=now, actor=actor, action=ch.kind, token_id=ch.token_id,
+                            owner=ch.owner, reason=ch.reason,
+                            details={"from": ch.from_status.value, "to": ch.to_status.value,
+                                     **(details or {})})
+                applied.append(ch)
+        return applied
+
+    # -- audit --
+
+    def _audit(self, conn: Connection, *, at: datetime, actor: str, action: str,
+               token_id: str | None, owner: str | None, reason: str | None,
+               details: dict[str, Any]) -> None:
+        conn.execute(sa.insert(audit_t).values(
+            at=at, actor=actor, action=action, token_id=token_id, owner=owner, reason=reason,
+            details=json.dumps(details, sort_keys=True, default=str)))
+
+    def audit_events(self, *, owner: str | None = None, token_id: str | None = None,
+                     limit: int | None = None) -> list[AuditRecord]:
+        q = sa.select(audit_t).order_by(audit_t.c.id)
+        if owner is not None:
+            q = q.where(audit_t.c.owner == owner)
+        if token_id is not None:
+            q = q.where(audit_t.c.token_id == token_id)
+        if limit is not None:
+            q = q.order_by(None).order_by(audit_t.c.id.desc()).limit(limit)
+        with self._read() as conn:
+            rows = list(conn.execute(q))
+        if limit is not None:
+            rows.reverse()
+        return [AuditRecord(id=r.id, at=r.at, actor=r.actor, action=r.action,
+                            token_id=r.token_id, owner=r.owner, reason=r.reason,
+                            details=json.loads(r.details or "{}")) for r in rows]
+
+    # -- the verify hot path: raw DBAPI, one compiled primary-key lookup --
+
+    def _compile(self) -> None:
+        eng = self._verify_engine
+        assert eng is not None
+        look = sa.select(tokens_t.c.owner, tokens_t.c.secret_hash, tokens_t.c.status,
+                         tokens_t.c.status_reason, tokens_t.c.expires_at,
+                         tokens_t.c.last_used_at).where(tokens_t.c.id == sa.bindparam("id"))
+        touch = (sa.update(tokens_t)
+                 .where(tokens_t.c.id == sa.bindparam("tid"),
+                        sa.or_(tokens_t.c.last_used_at.is_(None),
+                               tokens_t.c.last_used_at < sa.bindparam("older")))
+                 .values(last_used_at=sa.bindparam("now")))
+        c1 = look.compile(dialect=eng.dialect)
+        c2 = touch.compile(dialect=eng.dialect)
+        self._positional = bool(c1.positional)
+        self._lookup_sql = str(c1)
+        self._touch_sql = str(c2)
+        self._touch_order = list(c2.positiontup or [])
+
+    def _thread_conn(self) -> Any:
+        """This thread's own DBAPI connection (a forked child makes its own)."""
+        holder: _ThreadConn | None = getattr(self._local, "holder", None)
+        if holder is not None and holder.pid == os.getpid():
+            return holder.conn
+        if self._verify_engine is None:
+            self._verify_engine = make_engine(self.url, verify_path=True)
+            self._compile()
+        try:
+            proxied = self._verify_engine.raw_connection()
+        except DBAPIError as exc:
+            raise StoreUnavailable(f"store unavailable: {_one_line(exc)}") from None
+        if self.backend == "postgresql":
+            proxied.driver_connection.autocommit = True  # type: ignore[union-attr]  # each lookup sees the latest commit
+        holder = _ThreadConn(proxied)
+        weakref.finalize(holder, _close_quietly, proxied)
+        self._local.holder = holder
+        return proxied
+
+    def _drop_thread_conn(self) -> None:
+        holder = getattr(self._local, "holder", None)
+        self._local.holder = None
+        if holder is not None and holder.pid == os.getpid():
+            with contextlib.suppress(Exception):
+                holder.conn.invalidate()
+
+    def _fetch(self, token_id: str) -> Any:
+        conn = self._thread_conn().driver_connection
+        if self._positional:
+            return conn.execute(self._lookup_sql, (token_id,)).fetchone()
+        with conn.cursor() as cur:
+            cur.execute(self._lookup_sql, {"id": token_id}, prepare=True)
+            return cur.fetchone()
+
+    def lookup_for_verify(self, token_id: str) -> VerifyRow | None:
+        """One primary-key lookup on this thread's own connection; retried once on a dead link."""
+        try:
+            row = self._fetch(token_id)
+        except StoreUnavailable:
+            raise
+        except Exception:  # noqa: BLE001 - a dead connection: reconnect once, then give up
+            self._drop_thread_conn()
+            try:
+                row = self._fetch(token_id)
+            except StoreUnavailable:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                self._drop_thread_conn()
+                raise StoreUnavailable(f"store unavailable: {_one_line(exc)}") from None
+        if row is None:
+            return None
+        owner, secret_hash, status, status_reason, expires_at, last_used_at = row
+        if type(expires_at) is str:  # SQLite text is naive UTC; this is 6x cheaper than replace()
+            expires_at = datetime.fromisoformat(expires_at + "+00:00")
+            if last_used_at is not None:
+                last_used_at = datetime.fromisoformat(last_used_at + "+00:00")
+        return VerifyRow(owner, secret_hash, status, status_reason, expires_at, last_used_at)
+
+    def touch_last_used(self, token_id: str, now: datetime, older_than: datetime) -> None:
+        """Record use; a busy store only postpones it (the next call after will try again)."""
+        values: dict[str, Any]
+        if self.backend == "sqlite":
+            values = {"now": _sqlite_text(now), "tid": token_id, "older": _sqlite_text(older_than)}
+        else:
+            values = {"now": now, "tid": token_id, "older": older_than}
+        try:
+            proxied = self._thread_conn()
+            cur = proxied.driver_connection.cursor()
+            try:
+                if self._positional:
+                    cur.execute(self._touch_sql, tuple(values[k] for k in self._touch_order))
+                else:
+                    cur.execute(self._touch_sql, values)
+            finally:
+                cur.close()
+        except Exception:  # noqa: BLE001 - last_used is advisory; never fail a verify for it
+            self._drop_thread_conn()

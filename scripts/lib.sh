@@ -1,0 +1,57 @@
+# Shared set-up for scripts/demo and scripts/test: a venv in .venv with groupgate installed.
+# Sourced, not run. Installs Debian packages only when run as root and they are missing.
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PY="$VENV/bin/python"
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+apt_install() {
+    # apt_install PKG... : install the Debian packages that are missing (root only).
+    local missing=()
+    for p in "$@"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ "$(id -u)" != 0 ]; then
+        say "missing Debian packages: ${missing[*]} (run as root, or: sudo apt-get install ${missing[*]})"
+        return 1
+    fi
+    say "installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    # A package must never start a system-wide slapd here (see README, Tests).
+    if printf '%s\n' "${missing[@]}" | grep -qx slapd; then mkdir -p /etc/ldap && touch /etc/ldap/noslapd; fi
+    if [ -z "${GROUPGATE_APT_UPDATED:-}" ]; then
+        apt-get -o DPkg::Lock::Timeout=600 update -qq >/dev/null
+        export GROUPGATE_APT_UPDATED=1
+    fi
+    apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+ensure_venv() {
+    # ensure_venv EXTRAS : .venv with groupgate[EXTRAS] installed; re-installs when pyproject changes.
+    local extras="$1"
+    if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then apt_install python3-venv; fi
+    if [ ! -x "$PY" ]; then
+        say "creating $VENV"
+        python3 -m venv "$VENV"
+    fi
+    local stamp="$VENV/.groupgate-$extras-$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
+    if [ ! -e "$stamp" ]; then
+        say "installing groupgate[$extras] into $VENV"
+        "$PY" -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+        "$PY" -m pip install -q --disable-pip-version-check -e "$ROOT[$extras]" 2>&1 | grep -v '^WARNING: Location' || true
+        "$PY" -c 'import daemon.cli' || { say "installing groupgate failed"; return 1; }
+        touch "$stamp"
+    fi
+}
+
+ensure_postgres() {
+    # Start the local PostgreSQL cluster if it is installed but down (root only).
+    if pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then return 0; fi
+    if [ "$(id -u)" = 0 ] && command -v pg_ctlcluster >/dev/null && [ -d /etc/postgresql ]; then
+        say "starting PostgreSQL"
+        pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start || true
+        for _ in $(seq 1 100); do pg_isready -q -h 127.0.0.1 -p 5432 && return 0; sleep 0.1; done
+    fi
+    say "PostgreSQL is not reachable at 127.0.0.1:5432: its tests will skip (or fail with CI=true)"
+}
