@@ -46,6 +46,11 @@ class Context:
 
         return TokenStore(self.config.store.url, check_schema=check_schema)
 
+    def directory(self) -> Any:
+        from daemon.directory import from_config
+
+        return from_config(self.config.directory, self.config.policy, self.config.source)
+
     def hasher(self) -> Any:
         from daemon.tokens import SecretHasher
 
@@ -171,6 +176,130 @@ def cmd_audit(ctx: Context) -> int:
     return EXIT_OK
 
 
+def _print_plan(ctx: Context, changes: Sequence[Any], *, dry_run: bool) -> None:
+    for ch in changes:
+        ctx.out.write(ch.describe(dry_run=dry_run) + "\n")
+
+
+def cmd_sync(ctx: Context) -> int:
+    from daemon.sync import run_sync
+
+    a = ctx.args
+    dry = a.dry_run or a.check
+    report = run_sync(ctx.directory(), ctx.store(), ctx.config.policy, ctx.config.sync,
+                      now=ctx.now(), dry_run=dry, force=a.force)
+    _print_plan(ctx, report.plan if dry else report.applied, dry_run=dry)
+    c = report.counts
+    ctx.out.write(f"{'plan' if dry else 'applied'}: {c['suspend'] + c['resuspend']} suspend, "
+                  f"{c['reactivate']} reactivate, {c['expire']} expire; "
+                  f"{report.users_read} directory users read in {report.seconds:.2f}s\n")
+    if a.check and report.plan:
+        return EXIT_VERIFY_FAILED
+    return EXIT_OK
+
+
+def cmd_expire(ctx: Context) -> int:
+    from daemon.sync import run_expire
+
+    report = run_expire(ctx.store(), now=ctx.now(), dry_run=ctx.args.dry_run)
+    changes = report.plan if ctx.args.dry_run else report.applied
+    _print_plan(ctx, changes, dry_run=ctx.args.dry_run)
+    ctx.out.write(f"{'would expire' if ctx.args.dry_run else 'expired'}: {len(changes)}\n")
+    return EXIT_OK
+
+
+def cmd_directory_check(ctx: Context) -> int:
+    for what, result in ctx.directory().check():
+        ctx.out.write(f"{what + ':':<22} {result}\n")
+    return EXIT_OK
+
+
+def cmd_directory_user(ctx: Context) -> int:
+    from daemon.policy import wanted_state
+
+    name = canonical_username(ctx.args.name)
+    user = ctx.directory().lookup_user(name)
+    store = ctx.store()
+    ctx.out.write(f"user:        {name}\n")
+    if user is None:
+        ctx.out.write("directory:   not found (or ambiguous) under the configured base "
+                      "and filter\n")
+    else:
+        groups = ", ".join(sorted(user.groups)) or "none of the configured groups"
+        ctx.out.write(f"dn:          {user.dn}\n"
+                      f"disabled:    {'yes' if user.disabled else 'no'}\n"
+                      f"allowed:     {'yes' if user.allowed else 'no'} "
+                      f"(allowed groups: {', '.join(ctx.config.policy.allowed_groups)})\n"
+                      f"admin:       {'yes' if user.admin else 'no'}\n"
+                      f"groups:      {groups}\n"
+                      f"max lifetime: {ctx.config.policy.lifetime_cap_days(user.groups)} days\n")
+    status, reason = wanted_state(user)
+    ctx.out.write(f"tokens should be: {status.value}{' (' + reason + ')' if reason else ''}\n")
+    recorded = store.directory_user(name)
+    if recorded is not None:
+        ctx.out.write(f"last sync recorded: present={recorded['present']} "
+                      f"allowed={recorded['allowed']} disabled={recorded['disabled']} "
+                      f"(changed {_fmt_time(recorded['changed_at'])})\n")
+    tokens = store.list_tokens(owner=name)
+    rows = [(t.display_id, t.name, t.status.value, t.status_reason or "-",
+             _fmt_time(t.expires_at)) for t in tokens]
+    if rows:
+        _table(rows, ("ID", "NAME", "STATUS", "REASON", "EXPIRES"), ctx.out)
+    else:
+        ctx.out.write("no tokens\n")
+    return EXIT_OK
+
+
+def _read_password(ctx: Context) -> str:
+    if ctx.args.password_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    import getpass
+
+    try:
+        return getpass.getpass(f"Directory password for {ctx.args.user}: ")
+    except (EOFError, OSError):
+        raise BadInput("no terminal to read the password from; use --password-stdin") from None
+
+
+def cmd_token_create(ctx: Context) -> int:
+    from datetime import timedelta
+
+    from daemon.config import parse_duration
+    from daemon.errors import NotPermitted
+    from daemon.service import TokenService
+
+    a = ctx.args
+    policy = ctx.config.policy
+    directory = ctx.directory()
+    password = _read_password(ctx)
+    user = directory.authenticate(a.user, password)
+    if user.disabled:
+        raise NotPermitted(f"{user.username}: the account is disabled in the directory")
+    if not user.allowed:
+        raise NotPermitted(f"{user.username} is not a member of an allowed group "
+                           f"({', '.join(policy.allowed_groups)})")
+    cap = policy.lifetime_cap_days(user.groups)
+    if a.expires_in is None:
+        lifetime = timedelta(days=min(policy.default_lifetime_days, cap))
+    else:
+        try:
+            lifetime = parse_duration(a.expires_in, default_unit="d")
+        except ValueError as exc:
+            raise BadInput(f"--expires-in: {exc}") from None
+    svc = TokenService(ctx.store(), ctx.hasher(), policy)
+    created = svc.create(user.username, a.name, lifetime, ctx.now(),
+                         created_by=user.username, max_lifetime_days=cap)
+    rec = created.record
+    if a.json:
+        json.dump({**token_json(rec), "token": created.token}, ctx.out, indent=2)
+        ctx.out.write("\n")
+    else:
+        ctx.err.write(f"Created {rec.display_id} ({rec.name!r}) for {rec.owner}, expires "
+                      f"{_fmt_time(rec.expires_at)} UTC. It is shown only this once:\n")
+        ctx.out.write(created.token + "\n")
+    return EXIT_OK
+
+
 def _read_secret_input(env_name: str, what: str) -> str:
     value = os.environ.get(env_name)
     if value is None:
@@ -243,6 +372,16 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("id", help="token id (gg_...)")
     tr.add_argument("--reason", help="why, for the audit log")
     tr.set_defaults(handler=cmd_token_revoke)
+    tc = toks.add_parser("create", help="create a token for your own account (asks your "
+                         "directory password)")
+    tc.add_argument("--user", required=True, help="your directory username")
+    tc.add_argument("--name", required=True, help="what the token is for (1-64 characters)")
+    tc.add_argument("--expires-in", metavar="DURATION",
+                    help="lifetime such as 30d or 12h (default: policy.default_lifetime_days)")
+    tc.add_argument("--password-stdin", action="store_true",
+                    help="read the directory password from standard input")
+    tc.add_argument("--json", action="store_true")
+    tc.set_defaults(handler=cmd_token_create)
 
     au = sub.add_parser("audit", help="show the audit log")
     au.add_argument("--user")
@@ -254,6 +393,27 @@ def build_parser() -> argparse.ArgumentParser:
     ve = sub.add_parser("verify", help="check a token (read from stdin or $GROUPGATE_TOKEN)")
     ve.add_argument("--user", required=True)
     ve.set_defaults(handler=cmd_verify)
+
+    sy = sub.add_parser("sync", help="make tokens follow the directory now")
+    sy.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    sy.add_argument("--check", action="store_true",
+                    help="like --dry-run, and exit 1 when the plan is not empty")
+    sy.add_argument("--force", action="store_true",
+                    help="apply a plan the mass-suspension brake refused (after review)")
+    sy.set_defaults(handler=cmd_sync)
+    ex = sub.add_parser("expire", help="mark tokens past their expiry as expired")
+    ex.add_argument("--dry-run", action="store_true")
+    ex.set_defaults(handler=cmd_expire)
+
+    di = sub.add_parser("directory", help="inspect the directory as groupgate sees it")
+    dis = di.add_subparsers(dest="directory_command", metavar="ACTION", parser_class=_Parser)
+    dis.required = True
+    dis.add_parser("check", help="bind, search, resolve each configured group").set_defaults(
+        handler=cmd_directory_check)
+    du = dis.add_parser("user", help="what the directory says about one user, and why their "
+                        "tokens are in their state")
+    du.add_argument("name")
+    du.set_defaults(handler=cmd_directory_user)
     return p
 
 

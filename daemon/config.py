@@ -86,10 +86,84 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class GroupLimit:
+    group: str = field(default="", metadata=_opt(lambda v: None if v else "must not be empty"))
+    max_lifetime_days: int = field(default=90, metadata=_opt(_range(1, 36500)))
+
+
+@dataclass(frozen=True)
 class PolicyConfig:
     max_lifetime_days: int = field(default=90, metadata=_opt(_range(1, 3650)))
     default_lifetime_days: int = field(default=30, metadata=_opt(_range(1, 3650)))
     max_tokens_per_user: int = field(default=10, metadata=_opt(_range(1, 10000)))
+    allowed_groups: tuple[str, ...] = ("token-users",)
+    admin_groups: tuple[str, ...] = ()
+    nested_groups: bool = True
+    group_limits: tuple[GroupLimit, ...] = ()
+
+    def lifetime_cap_days(self, groups: frozenset[str]) -> int:
+        """The largest limit among the user's limit groups; the global maximum otherwise."""
+        caps = [g.max_lifetime_days for g in self.group_limits if g.group.casefold() in groups]
+        return max(caps) if caps else self.max_lifetime_days
+
+    def configured_groups(self) -> tuple[str, ...]:
+        """Every group the directory must resolve, each once, in a stable order."""
+        names = [*self.allowed_groups, *self.admin_groups, *(g.group for g in self.group_limits)]
+        return tuple(dict.fromkeys(names))
+
+
+FLAVORS = ("openldap", "ad", "389ds", "generic")
+
+
+def _ldap_urls(v: Any) -> str | None:
+    for url in v:
+        if not url.startswith(("ldap://", "ldaps://")):
+            return f"{url!r} must start with ldap:// or ldaps://"
+    return None
+
+
+def _filter_text(v: Any) -> str | None:
+    if v and not (v.startswith("(") and v.endswith(")") and v.count("(") == v.count(")")):
+        return "must be an LDAP filter in parentheses, such as (objectClass=person)"
+    return None
+
+
+@dataclass(frozen=True)
+class DirectoryConfig:
+    """Where and how to read the directory. Empty strings mean "the flavor's default"."""
+
+    urls: tuple[str, ...] = field(default=(), metadata=_opt(_ldap_urls))
+    flavor: str = field(default="openldap", metadata=_opt(_one_of(*FLAVORS)))
+    base_dn: str = ""
+    user_base_dn: str = ""
+    group_base_dn: str = ""
+    bind_dn: str = ""
+    bind_password_file: str = ""
+    start_tls: bool = False
+    ca_file: str = ""
+    tls_verify: bool = True
+    user_filter: str = field(default="", metadata=_opt(_filter_text))
+    username_attribute: str = ""
+    group_filter: str = field(default="", metadata=_opt(_filter_text))
+    group_name_attribute: str = "cn"
+    member_attributes: tuple[str, ...] = ()
+    membership: str = field(default="", metadata=_opt(
+        lambda v: None if v in ("", "member", "memberof") else "must be member or memberof"))
+    disabled_filter: str = field(default="", metadata=_opt(_filter_text))
+    page_size: int = field(default=500, metadata=_opt(_range(1, 100000)))
+    range_size: int = field(default=1500, metadata=_opt(_range(1, 100000)))
+    timeout_seconds: int = field(default=30, metadata=_opt(_range(1, 3600)))
+    connect_timeout_seconds: int = field(default=5, metadata=_opt(_range(1, 600)))
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.urls)
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    max_suspend_count: int = field(default=50, metadata=_opt(_range(0, 10_000_000)))
+    max_suspend_fraction: float = field(default=0.2, metadata=_opt(_range(0.0, 1.0)))
 
 
 @dataclass(frozen=True)
@@ -118,7 +192,9 @@ class LogConfig:
 @dataclass(frozen=True)
 class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
+    directory: DirectoryConfig = field(default_factory=DirectoryConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = field(default="<defaults>", compare=False)
@@ -190,13 +266,35 @@ def _build(cls: Any, table: Mapping[str, Any], prefix: str, file: str) -> Any:
     return cls(**kwargs)
 
 
+_INLINE_SECRETS = {"bind_password": "directory.bind_password"}
+
+
 def _cross_checks(cfg: Config, file: str) -> None:
     if cfg.policy.default_lifetime_days > cfg.policy.max_lifetime_days:
         raise ConfigError(f"{file}: policy.default_lifetime_days: must not exceed "
                           f"policy.max_lifetime_days ({cfg.policy.max_lifetime_days})")
+    if cfg.directory.configured and not cfg.policy.allowed_groups:
+        raise ConfigError(f"{file}: policy.allowed_groups: must name at least one group")
+    for i, name in enumerate(cfg.policy.configured_groups()):
+        if not name.strip():
+            raise ConfigError(f"{file}: policy: group name #{i + 1} is empty")
+    if cfg.directory.configured and not cfg.directory.base_dn:
+        raise ConfigError(f"{file}: directory.base_dn: must be set when directory.urls is")
+    if cfg.directory.start_tls and any(u.startswith("ldaps://") for u in cfg.directory.urls):
+        raise ConfigError(f"{file}: directory.start_tls: not with ldaps:// URLs (already TLS)")
+
+
+def _refuse_inline_secrets(data: Mapping[str, Any], file: str) -> None:
+    directory = data.get("directory")
+    if isinstance(directory, dict) and "bind_password" in directory:
+        raise ConfigError(
+            f"{file}: directory.bind_password: inline secrets are not accepted; use "
+            "directory.bind_password_file, $GROUPGATE_BIND_PASSWORD or the systemd credential "
+            "ldap-bind-password")
 
 
 def parse_config(data: Mapping[str, Any], file: str = "<config>") -> Config:
+    _refuse_inline_secrets(data, file)
     cfg = _build(Config, data, "", file)
     cfg = dataclasses.replace(cfg, source=file)
     _cross_checks(cfg, file)

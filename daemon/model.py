@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from daemon.tokens import display_id
 
@@ -81,9 +82,8 @@ class StatusChange:
     reason: str | None
 
     def describe(self, *, dry_run: bool = False) -> str:
-        verb = {"suspend": "suspend", "reactivate": "reactivate", "expire": "expire",
-                "revoke": "revoke"}.get(self.kind, self.kind)
-        head = f"would {verb}" if dry_run else verb.capitalize()
+        verb = {"resuspend": "keep suspended"}.get(self.kind, self.kind)
+        head = f"would {verb}" if dry_run else verb
         tail = f": {self.reason}" if self.reason else ""
         return f"{head} {display_id(self.token_id)} of {self.owner}{tail}"
 
@@ -98,3 +98,50 @@ class AuditRecord:
     owner: str | None
     reason: str | None
     details: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class DirectoryUser:
+    """What the directory says about one account, reduced to what policy needs.
+
+    `groups` holds the configured group names (case-folded) the user belongs to, directly or
+    through nesting: allowed groups, admin groups and lifetime-limit groups.
+    """
+
+    username: str
+    dn: str
+    disabled: bool
+    allowed: bool
+    admin: bool
+    groups: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class SkippedEntry:
+    dn: str
+    why: str
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A frozen, complete read of the directory; never a partial one (errors raise instead)."""
+
+    taken_at: datetime
+    users: Mapping[str, DirectoryUser]
+    group_sizes: Mapping[str, int]
+    skipped: tuple[SkippedEntry, ...] = ()
+    server: str = ""
+    seconds: float = 0.0
+
+    def empty_allowed_groups(self, allowed: Sequence[str]) -> list[str]:
+        return [g for g in allowed if self.group_sizes.get(g.casefold(), 0) == 0]
+
+
+class DirectoryReader(Protocol):
+    """What the core needs of a directory (implemented by daemon.directory.LdapDirectory)."""
+
+    def snapshot(self) -> Snapshot: ...
+
+    def lookup_user(self, username: str) -> DirectoryUser | None: ...
+
+    def authenticate(self, username: str, password: str) -> DirectoryUser: ...

@@ -13,7 +13,7 @@ import json
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +31,7 @@ from daemon.errors import BadInput, SchemaMismatch, StoreUnavailable
 from daemon.model import (
     NON_FINAL,
     AuditRecord,
+    DirectoryUser,
     Status,
     StatusChange,
     TokenRecord,
@@ -105,9 +106,39 @@ class AuditRow(Base):
     details: Mapped[str] = mapped_column(sa.Text, default="{}")
 
 
+class DirectoryUserRow(Base):
+    """What the directory said about a token owner at the last sync that changed it."""
+
+    __tablename__ = "directory_users"
+
+    username: Mapped[str] = mapped_column(sa.String(256), primary_key=True)
+    dn: Mapped[str | None] = mapped_column(sa.Text)
+    present: Mapped[bool] = mapped_column(sa.Boolean)
+    allowed: Mapped[bool] = mapped_column(sa.Boolean)
+    disabled: Mapped[bool] = mapped_column(sa.Boolean)
+    admin: Mapped[bool] = mapped_column(sa.Boolean)
+    groups: Mapped[str] = mapped_column(sa.Text)
+    last_seen_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    changed_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class SyncStateRow(Base):
+    __tablename__ = "sync_state"
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
+    last_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_success_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_result: Mapped[str | None] = mapped_column(sa.String(16))
+    last_message: Mapped[str | None] = mapped_column(sa.Text)
+    users_read: Mapped[int | None] = mapped_column(sa.Integer)
+    server: Mapped[str | None] = mapped_column(sa.String(512))
+
+
 metadata = Base.metadata
 tokens_t: sa.Table = TokenRow.__table__  # type: ignore[assignment]
 audit_t: sa.Table = AuditRow.__table__  # type: ignore[assignment]
+dirusers_t: sa.Table = DirectoryUserRow.__table__  # type: ignore[assignment]
+syncstate_t: sa.Table = SyncStateRow.__table__  # type: ignore[assignment]
 
 
 def _is_sqlite(url: str) -> bool:
@@ -214,14 +245,26 @@ def _sqlite_text(value: datetime) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
+_fork_generation = 0
+
+
+def _after_fork_in_child() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class _ThreadConn:
     """A DBAPI connection owned by one thread (and one process: a forked child reconnects)."""
 
-    __slots__ = ("__weakref__", "conn", "pid")
+    __slots__ = ("__weakref__", "conn", "dbapi", "generation")
 
     def __init__(self, conn: Any) -> None:
         self.conn = conn
-        self.pid = os.getpid()
+        self.dbapi = conn.driver_connection
+        self.generation = _fork_generation
 
 
 def _close_quietly(conn: Any) -> None:
@@ -375,22 +418,102 @@ class TokenStore:
         A change whose token is no longer in `from_status` (someone revoked it meanwhile) is
         skipped, not forced: the returned list holds the changes that took effect.
         """
-        applied: list[StatusChange] = []
         with self._write() as conn:
-            for ch in changes:
-                res = conn.execute(
-                    sa.update(tokens_t)
-                    .where(tokens_t.c.id == ch.token_id, tokens_t.c.status == ch.from_status.value)
-                    .values(status=ch.to_status.value, status_reason=ch.reason,
-                            status_changed_at=now))
-                if res.rowcount != 1:
-                    continue
-                self._audit(conn, at=now, actor=actor, action=ch.kind, token_id=ch.token_id,
-                            owner=ch.owner, reason=ch.reason,
-                            details={"from": ch.from_status.value, "to": ch.to_status.value,
-                                     **(details or {})})
-                applied.append(ch)
+            return self._apply(conn, changes, actor=actor, now=now, details=details)
+
+    def _apply(self, conn: Connection, changes: Sequence[StatusChange], *, actor: str,
+               now: datetime, details: dict[str, Any] | None) -> list[StatusChange]:
+        applied: list[StatusChange] = []
+        for ch in changes:
+            res = conn.execute(
+                sa.update(tokens_t)
+                .where(tokens_t.c.id == ch.token_id, tokens_t.c.status == ch.from_status.value)
+                .values(status=ch.to_status.value, status_reason=ch.reason,
+                        status_changed_at=now))
+            if res.rowcount != 1:
+                continue
+            self._audit(conn, at=now, actor=actor, action=ch.kind, token_id=ch.token_id,
+                        owner=ch.owner, reason=ch.reason,
+                        details={"from": ch.from_status.value, "to": ch.to_status.value,
+                                 **(details or {})})
+            applied.append(ch)
         return applied
+
+    def apply_sync(self, changes: Sequence[StatusChange], *, now: datetime,
+                   owners: Iterable[str], users: Mapping[str, DirectoryUser], server: str,
+                   users_read: int, actor: str = "sync") -> list[StatusChange]:
+        """One sync run in ONE transaction: status changes with audit rows, what the directory
+        said about each token owner (only rows that changed are written), and the run's state.
+        """
+        with self._write() as conn:
+            applied = self._apply(conn, changes, actor=actor, now=now, details=None)
+            self._record_directory_users(conn, owners, users, now)
+            self._write_sync_state(conn, now=now, success=True, result="ok",
+                                   message=f"{len(applied)} changes", users_read=users_read,
+                                   server=server)
+            return applied
+
+    def record_sync_failure(self, *, now: datetime, result: str, message: str) -> None:
+        with self._write() as conn:
+            self._write_sync_state(conn, now=now, success=False, result=result,
+                                   message=message, users_read=None, server=None)
+
+    def _write_sync_state(self, conn: Connection, *, now: datetime, success: bool, result: str,
+                          message: str, users_read: int | None, server: str | None) -> None:
+        values: dict[str, Any] = {"last_attempt_at": now, "last_result": result,
+                                  "last_message": message[:2000]}
+        if success:
+            values.update(last_success_at=now, users_read=users_read, server=server)
+        if conn.execute(sa.update(syncstate_t).where(syncstate_t.c.id == 1)
+                        .values(**values)).rowcount == 0:
+            conn.execute(sa.insert(syncstate_t).values(id=1, **values))
+
+    def sync_state(self) -> dict[str, Any] | None:
+        with self._read() as conn:
+            row = conn.execute(sa.select(syncstate_t).where(syncstate_t.c.id == 1)).first()
+        return dict(row._mapping) if row is not None else None
+
+    def _record_directory_users(self, conn: Connection, owners: Iterable[str],
+                                users: Mapping[str, DirectoryUser], now: datetime) -> None:
+        existing = {r.username: r for r in conn.execute(sa.select(dirusers_t))}
+        previous = conn.execute(sa.select(syncstate_t.c.last_success_at)
+                                .where(syncstate_t.c.id == 1)).scalar()
+        inserts, updates = [], []
+        for owner in set(owners):
+            u = users.get(owner)
+            row = {"username": owner, "dn": u.dn if u else None, "present": u is not None,
+                   "allowed": bool(u and u.allowed), "disabled": bool(u and u.disabled),
+                   "admin": bool(u and u.admin),
+                   "groups": json.dumps(sorted(u.groups) if u else [])}
+            old = existing.get(owner)
+            if old is None:
+                inserts.append({**row, "last_seen_at": now if u else None, "changed_at": now})
+                continue
+            if any(getattr(old, k) != v for k, v in row.items()):
+                # present now: seen now; gone now: last seen at the previous successful sync
+                seen = now if u else (previous if old.present else old.last_seen_at)
+                updates.append({**row, "b_username": owner, "last_seen_at": seen,
+                                "changed_at": now})
+        if inserts:
+            conn.execute(sa.insert(dirusers_t), inserts)
+        if updates:
+            stmt = (sa.update(dirusers_t)
+                    .where(dirusers_t.c.username == sa.bindparam("b_username"))
+                    .values({c: sa.bindparam(c) for c in
+                             ("dn", "present", "allowed", "disabled", "admin", "groups",
+                              "last_seen_at", "changed_at")}))
+            conn.execute(stmt, [{k: v for k, v in u.items() if k != "username"}
+                                for u in updates])
+
+    def directory_user(self, username: str) -> dict[str, Any] | None:
+        with self._read() as conn:
+            row = conn.execute(sa.select(dirusers_t)
+                               .where(dirusers_t.c.username == username)).first()
+        if row is None:
+            return None
+        data = dict(row._mapping)
+        data["groups"] = json.loads(data["groups"])
+        return data
 
     # -- audit --
 
@@ -441,7 +564,7 @@ class TokenStore:
     def _thread_conn(self) -> Any:
         """This thread's own DBAPI connection (a forked child makes its own)."""
         holder: _ThreadConn | None = getattr(self._local, "holder", None)
-        if holder is not None and holder.pid == os.getpid():
+        if holder is not None and holder.generation == _fork_generation:
             return holder.conn
         if self._verify_engine is None:
             self._verify_engine = make_engine(self.url, verify_path=True)
@@ -460,12 +583,16 @@ class TokenStore:
     def _drop_thread_conn(self) -> None:
         holder = getattr(self._local, "holder", None)
         self._local.holder = None
-        if holder is not None and holder.pid == os.getpid():
+        if holder is not None and holder.generation == _fork_generation:
             with contextlib.suppress(Exception):
                 holder.conn.invalidate()
 
     def _fetch(self, token_id: str) -> Any:
-        conn = self._thread_conn().driver_connection
+        holder: _ThreadConn | None = getattr(self._local, "holder", None)
+        if holder is not None and holder.generation == _fork_generation:
+            conn = holder.dbapi
+        else:
+            conn = self._thread_conn().driver_connection
         if self._positional:
             return conn.execute(self._lookup_sql, (token_id,)).fetchone()
         with conn.cursor() as cur:

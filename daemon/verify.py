@@ -37,9 +37,8 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import structlog
 
@@ -69,12 +68,13 @@ class Reason(enum.StrEnum):
     REVOKED = "revoked"
 
 
-@dataclass(frozen=True)
-class VerifyResult:
+class VerifyResult(NamedTuple):
     """The answer; true in a boolean context only when ``ok``.
 
     ``token_id`` is set once the token parsed; ``owner`` and ``expires_at`` only once the secret
     proved right (never for ``wrong_secret`` or ``wrong_user``), so they leak nothing.
+    (An immutable NamedTuple rather than a frozen dataclass: it is built on every call and
+    this is three times cheaper.)
     """
 
     ok: bool

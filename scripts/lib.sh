@@ -18,13 +18,23 @@ apt_install() {
     fi
     say "installing Debian packages: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    # A package must never start a system-wide slapd here (see README, Tests).
-    if printf '%s\n' "${missing[@]}" | grep -qx slapd; then mkdir -p /etc/ldap && touch /etc/ldap/noslapd; fi
+    # Packages must never start system-wide servers here (slapd on all interfaces, smbd, ...):
+    # the tests start their own on loopback. /etc/ldap/noslapd stops the slapd init script;
+    # a temporary policy-rc.d (exit 101) stops every other service start during the install.
+    mkdir -p /etc/ldap && touch /etc/ldap/noslapd
+    local made_policy=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+        made_policy=1
+    fi
     if [ -z "${GROUPGATE_APT_UPDATED:-}" ]; then
         apt-get -o DPkg::Lock::Timeout=600 update -qq >/dev/null
         export GROUPGATE_APT_UPDATED=1
     fi
-    apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    local rc=0
+    apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || rc=$?
+    [ -n "$made_policy" ] && rm -f /usr/sbin/policy-rc.d
+    return $rc
 }
 
 ensure_venv() {

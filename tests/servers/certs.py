@@ -9,6 +9,8 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class TestCerts:
+    __test__ = False  # not a test class, despite the name
+
     dir: Path
     ca_cert: Path
     server_cert: Path

@@ -1,0 +1,418 @@
+"""A throwaway OpenLDAP slapd for the test suite.
+
+Why a real slapd: overlays (memberOf, refint, ppolicy), size limits, paging, TLS and
+outages behave like production only on a real server. slapd 2.5 starts in a few
+tens of milliseconds, so a session can afford several instances.
+
+How it runs (see /work/shared/DIRECTORIES.md section 1 for the verified facts):
+  * its own slapd.conf in `workdir` (never /etc/ldap), an mdb database with `dbnosync`;
+  * listens on 127.0.0.1 only: ldap://127.0.0.1:<port>/ and, with TLS, also
+    ldaps://127.0.0.1:<ldaps_port>/ (StartTLS is then offered on the plain port);
+  * in the foreground (`slapd -d none`) under Popen, so the PID is ours and stop()/kill()
+    signal exactly that process. `-d none` (unlike `-d 0`) still prints errors such
+    as "bind(6) failed errno=98" to stderr, which goes to `workdir/slapd.log`;
+  * `setpriv --pdeathsig KILL` execs slapd (same PID) so it dies with the test process
+    if a test run is killed before teardown. Caveat: the death signal follows the
+    *thread* that started it, so call start() from a thread that outlives the server.
+  * data is seeded online with ldapadd as the rootdn (not slapadd) so the overlays run.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Self
+
+import ldap3
+from ldap3.core.exceptions import LDAPException
+
+from tests.servers.certs import TestCerts
+from tests.servers.net import free_port, port_is_open
+
+DEFAULT_SEED = Path(__file__).resolve().parent.parent / "fixtures" / "openldap.ldif"
+
+HOST = "127.0.0.1"
+START_TIMEOUT = 15.0
+STOP_TIMEOUT = 10.0
+POLL_INTERVAL = 0.01
+
+# libldap tools must not pick up /etc/ldap/ldap.conf or ~/.ldaprc (URI, TLS settings).
+_TOOL_ENV = {**os.environ, "LDAPNOINIT": "1"}
+
+
+class SlapdError(RuntimeError):
+    """slapd failed to start, stop or load data; the message carries the log tail."""
+
+
+@dataclass
+class Slapd:
+    """One slapd instance bound to fixed loopback ports and a data directory.
+
+    The ports and data survive stop()/start() and kill()/start(), which is what
+    outage tests need: clients reconnect to the same URL and find the same entries.
+    """
+
+    workdir: Path
+    port: int
+    ldaps_port: int | None = None
+    base_dn: str = "dc=example,dc=org"
+    admin_dn: str = "cn=admin,dc=example,dc=org"
+    admin_password: str = "secret"
+    service_dn: str = "cn=groupgate,ou=service,dc=example,dc=org"
+    service_password: str = "groupgate-service-pw"
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    #: seconds from Popen to the first answered search, of the last start()
+    last_start_seconds: float = field(default=0.0, init=False)
+
+    # ---- paths and URLs ------------------------------------------------------------
+
+    @property
+    def conf_path(self) -> Path:
+        return self.workdir / "slapd.conf"
+
+    @property
+    def log_path(self) -> Path:
+        """slapd's stderr (errors only; appended across restarts)."""
+        return self.workdir / "slapd.log"
+
+    @property
+    def db_dir(self) -> Path:
+        return self.workdir / "db"
+
+    @property
+    def url(self) -> str:
+        return f"ldap://{HOST}:{self.port}"
+
+    @property
+    def ldaps_url(self) -> str | None:
+        return f"ldaps://{HOST}:{self.ldaps_port}" if self.ldaps_port is not None else None
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            raise SlapdError("slapd is not running")
+        return self.proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def _ports(self) -> list[int]:
+        return [self.port] + ([self.ldaps_port] if self.ldaps_port is not None else [])
+
+    def _listen_urls(self) -> str:
+        urls = [f"ldap://{HOST}:{self.port}/"]
+        if self.ldaps_port is not None:
+            urls.append(f"ldaps://{HOST}:{self.ldaps_port}/")
+        return " ".join(urls)
+
+    # ---- configuration -----------------------------------------------------------
+
+    def write_config(self, tls: TestCerts | None) -> None:
+        """Write slapd.conf; TLS files are referenced in place (not copied)."""
+        if (tls is None) != (self.ldaps_port is None):
+            raise ValueError("tls and ldaps_port must be given together")
+        self.db_dir.mkdir(parents=True, exist_ok=True)
+        w = self.workdir
+        tls_lines = ""
+        if tls is not None:
+            tls_lines = (
+                f'TLSCACertificateFile "{tls.ca_cert}"\n'
+                f'TLSCertificateFile "{tls.server_cert}"\n'
+                f'TLSCertificateKeyFile "{tls.server_key}"\n'
+                "TLSVerifyClient never\n"
+            )
+        conf = f"""\
+# generated by tests/servers/slapd.py
+include /etc/ldap/schema/core.schema
+include /etc/ldap/schema/cosine.schema
+include /etc/ldap/schema/nis.schema
+include /etc/ldap/schema/inetorgperson.schema
+
+modulepath /usr/lib/ldap
+moduleload back_mdb
+# memberof registers memberOf; ppolicy (2.5) carries its own schema, e.g.
+# pwdAccountLockedTime - there is no ppolicy.schema file any more.
+moduleload memberof
+moduleload refint
+moduleload ppolicy
+
+pidfile "{w / 'slapd.pid'}"
+argsfile "{w / 'slapd.args'}"
+loglevel none
+
+# Non-paged searches by non-root binds stop at 500 entries (sizeLimitExceeded) like a
+# real server; paged searches (RFC 2696) may return everything. The rootdn is unlimited.
+sizelimit size.soft=500 size.hard=500 size.prtotal=unlimited
+
+{tls_lines}
+database mdb
+maxsize 1073741824
+dbnosync
+suffix "{self.base_dn}"
+rootdn "{self.admin_dn}"
+rootpw "{self.admin_password}"
+directory "{self.db_dir}"
+
+index objectClass eq
+index uid,cn eq,sub
+index mail eq
+index member,uniqueMember,memberUid eq
+index memberOf eq
+
+access to attrs=userPassword
+    by self write
+    by anonymous auth
+    by * none
+access to *
+    by dn.exact="{self.service_dn}" read
+    by users read
+    by * none
+
+# memberOf is stored on the member entries when groups are written (groupOfNames/member).
+overlay memberof
+memberof-group-oc groupOfNames
+memberof-member-ad member
+memberof-memberof-ad memberOf
+memberof-refint TRUE
+
+overlay refint
+refint_attributes member uniqueMember
+
+# Binds of entries with pwdAccountLockedTime fail once the default policy entry (in the
+# seed) exists with pwdLockout TRUE; the attribute itself exists as soon as ppolicy loads.
+overlay ppolicy
+ppolicy_default "cn=default,ou=policies,{self.base_dn}"
+ppolicy_use_lockout
+"""
+        self.conf_path.write_text(conf)
+
+    # ---- process control -----------------------------------------------------------
+
+    def start(self, timeout: float = START_TIMEOUT) -> None:
+        """Start (or restart) on the same ports with the same data; return once it answers.
+
+        Readiness = our PID owns the listening socket(s) AND an LDAP search is answered.
+        The ownership test matters: if another process holds the port, slapd exits with
+        "Address already in use" a few ms later, but a bare probe would already have been
+        answered by that other process.
+        """
+        if self.running:
+            raise SlapdError(f"slapd already running (pid {self.pid})")
+        if not self.conf_path.exists():
+            raise SlapdError(f"{self.conf_path} missing; use start_slapd() or write_config()")
+        self.proc = None
+        for p in self._ports():
+            if port_is_open(HOST, p):
+                raise SlapdError(f"{HOST}:{p}: Address already in use (by another process)")
+        with self.log_path.open("ab") as log:
+            log.write(f"---- start {time.strftime('%H:%M:%S')} {self._listen_urls()}\n".encode())
+            log.flush()
+            log_offset = log.tell()
+            t0 = time.monotonic()
+            self.proc = subprocess.Popen(
+                ["setpriv", "--pdeathsig", "KILL", "--",
+                 "slapd", "-d", "none", "-f", str(self.conf_path), "-h", self._listen_urls()],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self.workdir,
+            )
+        deadline = t0 + timeout
+        while True:
+            if self.proc.poll() is not None:
+                rc = self.proc.returncode
+                self.proc = None
+                raise SlapdError(f"slapd exited with {rc} during startup:\n"
+                                 + self._log_tail(log_offset))
+            if all(_pid_listens_on(self.proc.pid, p) for p in self._ports()) and self._answers():
+                break
+            if time.monotonic() >= deadline:
+                self.kill()
+                raise SlapdError(f"slapd did not answer on {self.url} within {timeout:.1f}s:\n"
+                                 + self._log_tail(log_offset))
+            time.sleep(POLL_INTERVAL)
+        self.last_start_seconds = time.monotonic() - t0
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """SIGTERM our own PID and wait; SIGKILL if it has not exited by the deadline."""
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=timeout)
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL now (simulated crash/outage); the data directory stays usable."""
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=STOP_TIMEOUT)
+        self.proc = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _answers(self) -> bool:
+        """One anonymous root DSE search: true only when slapd really serves requests."""
+        server = ldap3.Server(HOST, port=self.port, get_info=ldap3.NONE, connect_timeout=1)
+        conn = ldap3.Connection(server, receive_timeout=2, raise_exceptions=False)
+        try:
+            conn.open()
+            return bool(conn.search("", "(objectClass=*)", ldap3.BASE,
+                                    attributes=["namingContexts"]))
+        except (LDAPException, OSError):
+            return False
+        finally:
+            with contextlib.suppress(LDAPException, OSError):
+                conn.unbind()
+
+    def _log_tail(self, offset: int = 0, max_chars: int = 4000) -> str:
+        try:
+            with self.log_path.open("rb") as f:
+                f.seek(offset)
+                text = f.read().decode("utf-8", "replace")
+        except OSError as e:
+            return f"(no log: {e})"
+        text = text.strip() or "(slapd wrote nothing; check the config with slaptest -f ...)"
+        return text[-max_chars:]
+
+    # ---- data --------------------------------------------------------------------
+
+    def admin_connection(self, *, get_info: str = ldap3.NONE) -> ldap3.Connection:
+        """A connection bound as the rootdn (no ACLs, no size limit), raising on errors."""
+        server = ldap3.Server(HOST, port=self.port, get_info=get_info, connect_timeout=5)
+        return ldap3.Connection(server, self.admin_dn, self.admin_password, auto_bind=True,
+                                raise_exceptions=True, receive_timeout=30)
+
+    def add_ldif(self, path_or_text: Path | str) -> None:
+        """Load LDIF with ldapadd as the rootdn, so the overlays (memberOf, refint) run.
+
+        A Path is read as a file; a str is LDIF text if it contains a newline, else a path.
+        `changetype: modify` records are allowed (ldapadd is `ldapmodify -a`).
+        """
+        if isinstance(path_or_text, Path) or "\n" not in path_or_text:
+            data = Path(path_or_text).read_bytes()
+        else:
+            data = path_or_text.encode("utf-8")
+        res = subprocess.run(
+            ["ldapadd", "-x", "-H", self.url, "-D", self.admin_dn, "-w", self.admin_password],
+            input=data, capture_output=True, env=_TOOL_ENV, timeout=300, check=False,
+        )
+        if res.returncode != 0:
+            out = res.stdout.decode("utf-8", "replace").strip().splitlines()[-3:]
+            raise SlapdError(f"ldapadd failed with {res.returncode}: "
+                             f"{res.stderr.decode('utf-8', 'replace').strip()}\n"
+                             f"last output: {' | '.join(out)}")
+
+    def add_bulk_users(self, n: int, *, prefix: str = "bulk", group_cn: str | None = None,
+                       ou: str = "people") -> list[str]:
+        """Add n inetOrgPerson users uid=<prefix>00000.. (password "<uid>-pw") in one ldapadd.
+
+        With group_cn, also a groupOfNames cn=<group_cn>,ou=groups holding all of them
+        (memberOf is written onto each user). Returns the user DNs in order.
+        """
+        if group_cn is not None and n < 1:
+            raise ValueError("a groupOfNames needs at least one member")
+        parent = f"ou={ou},{self.base_dn}"
+        dns: list[str] = []
+        parts: list[str] = []
+        for i in range(n):
+            uid = f"{prefix}{i:05d}"
+            dn = f"uid={uid},{parent}"
+            dns.append(dn)
+            parts.append(
+                f"dn: {dn}\nobjectClass: inetOrgPerson\nuid: {uid}\ncn: {prefix} user {i}\n"
+                f"sn: {prefix}{i}\nmail: {uid}@example.org\nuserPassword: {uid}-pw\n\n"
+            )
+        if group_cn is not None:
+            parts.append(f"dn: cn={group_cn},ou=groups,{self.base_dn}\n"
+                         f"objectClass: groupOfNames\ncn: {group_cn}\n")
+            parts.extend(f"member: {dn}\n" for dn in dns)
+            parts.append("\n")
+        if parts:
+            self.add_ldif("".join(parts))
+        return dns
+
+
+def _pid_listens_on(pid: int, port: int) -> bool:
+    """Whether process `pid` holds the TCP socket listening on 127.0.0.1:`port` (via /proc)."""
+    local = f"0100007F:{port:04X}"
+    inodes: set[str] = set()
+    try:
+        with open("/proc/net/tcp") as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if fields[1] == local and fields[3] == "0A":  # 0A = LISTEN
+                    inodes.add(f"socket:[{fields[9]}]")
+        if not inodes:
+            return False
+        fd_dir = f"/proc/{pid}/fd"
+        for fd in os.listdir(fd_dir):
+            try:
+                if os.readlink(f"{fd_dir}/{fd}") in inodes:
+                    return True
+            except OSError:
+                continue
+    except OSError:
+        return False
+    return False
+
+
+def ldif_b64(value: str) -> str:
+    """Base64 for a non-ASCII LDIF value (`attr:: <this>`), for tests that write LDIF."""
+    return base64.b64encode(value.encode("utf-8")).decode("ascii")
+
+
+def start_slapd(workdir: Path, *, tls: TestCerts | None = None,
+                seed: Path | None = DEFAULT_SEED) -> Slapd:
+    """Configure, start and seed a fresh slapd in `workdir` (must be new or empty).
+
+    Ports come from free_port(); if another process grabs one between picking and
+    binding, it retries with fresh ports. On any failure the server is stopped.
+    The seed's ivan gets pwdAccountLockedTime directly in the LDIF: ldapadd as the
+    rootdn may set it (not NO-USER-MODIFICATION), so no ldapmodify step is needed.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if (workdir / "db" / "data.mdb").exists():
+        raise SlapdError(f"{workdir} already holds a database; use Slapd.start() to restart")
+    last_error: SlapdError | None = None
+    for _attempt in range(3):
+        port = free_port(HOST)
+        ldaps_port = free_port(HOST) if tls is not None else None
+        while ldaps_port == port:
+            ldaps_port = free_port(HOST)
+        server = Slapd(workdir=workdir, port=port, ldaps_port=ldaps_port)
+        server.write_config(tls)
+        try:
+            server.start()
+        except SlapdError as e:
+            if "Address already in use" not in str(e):
+                raise
+            last_error = e
+            continue
+        try:
+            if seed is not None:
+                server.add_ldif(Path(seed))
+        except BaseException:
+            server.stop()
+            raise
+        return server
+    assert last_error is not None
+    raise last_error
