@@ -338,7 +338,7 @@ class LdapDirectory:
                 else:
                     refs += 1
             if refs:
-                log.info("directory.references_ignored", base=base, count=refs)
+                log.debug("directory.references_ignored", base=base, count=refs)
             if not (paged and scope is not BASE):
                 return
             ctl = (result.get("controls") or {}).get("1.2.840.113556.1.4.319")
@@ -352,24 +352,45 @@ class LdapDirectory:
             entries = list(self._search(conn, dn, "(objectClass=*)", [attr], scope=BASE,
                                         allow_missing=True))
             return _attr(entries[0]["raw_attributes"], attr) if entries else None
+        # Ranges are positional: a change between two range reads shifts them, silently.
+        # AD bumps uSNChanged on every change, so a read that spans ranges is kept only if
+        # uSNChanged is the same before and after it.
+        for _attempt in range(3):
+            before = self._usn(conn, dn)
+            values, ranges = self._read_ranges(conn, dn, attr)
+            if ranges <= 1 or before == self._usn(conn, dn):
+                return values
+            log.info("directory.range_read_retried", dn=dn, attribute=attr)
+        raise DirectoryUnavailable(f"{dn}: {attr} kept changing during range retrieval")
+
+    def _usn(self, conn: Connection, dn: str) -> bytes | None:
+        entries = list(self._search(conn, dn, "(objectClass=*)", ["uSNChanged"], scope=BASE,
+                                    allow_missing=True))
+        vals = _attr(entries[0]["raw_attributes"], "uSNChanged") if entries else []
+        return vals[0] if vals else None
+
+    def _read_ranges(self, conn: Connection, dn: str, attr: str
+                     ) -> tuple[list[bytes] | None, int]:
         values: list[bytes] = []
+        ranges = 0
         low = 0
         step = self.cfg.range_size
         while True:
             want = f"{attr};range={low}-{low + step - 1}"
             entries = list(self._search(conn, dn, "(objectClass=*)", [want], scope=BASE,
                                         allow_missing=True))
+            ranges += 1
             if not entries:
-                return None if low == 0 else values
+                return (None if low == 0 else values), ranges
             raw = entries[0]["raw_attributes"]
             key = next((k for k in raw if k.lower().startswith(attr.lower() + ";range=")), None)
             if key is None:
                 values.extend(_attr(raw, attr))  # server ignored the range: all values
-                return values
-            values.extend(raw[key])
+                return values, ranges
+            values.extend(raw[key] or [])  # ldap3 gives None for an empty last range
             high = key.rsplit("-", 1)[1]
             if high == "*":
-                return values
+                return values, ranges
             low = int(high) + 1
 
     # -- users --
@@ -692,9 +713,23 @@ def _loopback(url: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
+_TUPLE_TEXT = re.compile(r"""^\(+['"](.*)['"],?\)+$""", re.S)
+
+
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    """ldap3 wraps socket errors in (stringified) tuples; dig out the innermost message."""
+    msg: object = exc
+    while True:
+        args = msg.args if isinstance(msg, BaseException) else msg
+        if isinstance(args, tuple | list) and len(args) == 1:
+            msg = args[0]
+            continue
+        break
+    text = str(msg).strip()
+    while (m := _TUPLE_TEXT.match(text)) is not None:
+        text = m.group(1).strip()
+    lines = text.splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def from_config(cfg: DirectoryConfig, policy: PolicyConfig, source: str = "config"

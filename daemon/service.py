@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
@@ -28,12 +29,13 @@ class CreatedToken:
 
 class ServiceStore(Protocol):
     def create_token(self, record: TokenRecord, secret_hash: str, *,
-                     precheck: object, details: dict[str, object] | None = None) -> None: ...
+                     precheck: Callable[[list[TokenRecord]], None],
+                     details: dict[str, Any] | None = None) -> None: ...
 
     def get_token(self, token_id: str) -> TokenRecord | None: ...
 
-    def apply_changes(self, changes: list[StatusChange], *, actor: str, now: datetime,
-                      details: dict[str, object] | None = None) -> list[StatusChange]: ...
+    def apply_changes(self, changes: Sequence[StatusChange], *, actor: str, now: datetime,
+                      details: dict[str, Any] | None = None) -> list[StatusChange]: ...
 
 
 def check_name(name: str) -> str:
