@@ -250,6 +250,12 @@ def cmd_directory_user(ctx: Context) -> int:
     return EXIT_OK
 
 
+def cmd_run(ctx: Context) -> int:
+    from daemon.scheduler import Daemon
+
+    return Daemon(ctx.config, ctx.args.config).run()
+
+
 def _read_password(ctx: Context) -> str:
     if ctx.args.password_stdin:
         return sys.stdin.readline().rstrip("\r\n")
@@ -393,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     ve = sub.add_parser("verify", help="check a token (read from stdin or $GROUPGATE_TOKEN)")
     ve.add_argument("--user", required=True)
     ve.set_defaults(handler=cmd_verify)
+
+    ru = sub.add_parser("run", help="run the daemon: scheduled sync, expiry and purge")
+    ru.set_defaults(handler=cmd_run)
 
     sy = sub.add_parser("sync", help="make tokens follow the directory now")
     sy.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")

@@ -160,10 +160,37 @@ class DirectoryConfig:
         return bool(self.urls)
 
 
+def _min_seconds(lo: int) -> Check:
+    def check(v: Any) -> str | None:
+        return f"must be at least {lo}s" if v.total_seconds() < lo else None
+
+    return check
+
+
 @dataclass(frozen=True)
 class SyncConfig:
     max_suspend_count: int = field(default=50, metadata=_opt(_range(0, 10_000_000)))
     max_suspend_fraction: float = field(default=0.2, metadata=_opt(_range(0.0, 1.0)))
+    interval: timedelta = field(default=timedelta(minutes=5),
+                                metadata=_opt(_min_seconds(1), duration=True))
+    jitter: timedelta = field(default=timedelta(seconds=10),
+                              metadata=_opt(_min_seconds(0), duration=True))
+    expire_interval: timedelta = field(default=timedelta(minutes=1),
+                                       metadata=_opt(_min_seconds(1), duration=True))
+
+
+def _listen(v: Any) -> str | None:
+    if v == "":
+        return None
+    host, sep, port = v.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        return "must be host:port such as 127.0.0.1:9464, or empty to turn it off"
+    return None
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = field(default="", metadata=_opt(_listen))
 
 
 @dataclass(frozen=True)
@@ -195,6 +222,7 @@ class Config:
     directory: DirectoryConfig = field(default_factory=DirectoryConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = field(default="<defaults>", compare=False)

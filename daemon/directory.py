@@ -142,14 +142,17 @@ def _unescape_dn_value(value: str) -> str:
 
 
 def _split_unescaped(text: str, sep: str) -> list[str]:
-    parts, cur, i = [], [], 0
+    """Split on `sep` outside backslash escapes and (legacy RFC 1779) double quotes."""
+    parts, cur, i, quoted = [], [], 0, False
     while i < len(text):
         ch = text[i]
         if ch == "\\" and i + 1 < len(text):
             cur.append(text[i:i + 2])
             i += 2
             continue
-        if ch == sep:
+        if ch == '"':
+            quoted = not quoted
+        if ch == sep and not quoted:
             parts.append("".join(cur))
             cur = []
         else:
@@ -157,6 +160,11 @@ def _split_unescaped(text: str, sep: str) -> list[str]:
         i += 1
     parts.append("".join(cur))
     return parts
+
+
+def _key_value(value: str) -> str:
+    """Re-escape the characters that would make two different DNs share a key."""
+    return value.replace("\\", "\\\\").replace(",", "\\,").replace("+", "\\+")
 
 
 def normalize_dn(dn: str) -> str:
@@ -179,7 +187,8 @@ def normalize_dn(dn: str) -> str:
             value = value.strip()
             if value.startswith('"') and value.endswith('"') and len(value) > 1:
                 value = value[1:-1]
-            avas.append(f"{attr.strip().lower()}={_unescape_dn_value(value).casefold()}")
+            value = _key_value(_unescape_dn_value(value).casefold())
+            avas.append(f"{attr.strip().lower()}={value}")
         out.append("+".join(sorted(avas)))
     return ",".join(out)
 
@@ -239,6 +248,7 @@ class LdapDirectory:
         self.in_chain = flavor.in_chain and policy.nested_groups
         self.range_retrieval = flavor.range_retrieval
         self._password = password
+        self._reported: set[tuple[str, str]] = set()
         if cfg.bind_dn and password is None:
             raise ConfigError(f"{source}: directory.bind_dn is set but no password: set "
                               f"directory.bind_password_file, ${ENV_BIND_PASSWORD} or the "
@@ -561,7 +571,11 @@ class LdapDirectory:
             group_members[name.casefold()] = members
 
         for s in skipped:
-            log.warning("directory.entry_skipped", dn=s.dn, why=s.why)
+            # Warn once per entry and process; a daemon re-reading every few minutes would
+            # otherwise repeat the same warnings all day.
+            level = log.debug if (s.dn, s.why) in self._reported else log.warning
+            level("directory.entry_skipped", dn=s.dn, why=s.why)
+            self._reported.add((s.dn, s.why))
         users = {name: self._directory_user(u, disabled, group_members)
                  for name, u in users_by_name.items()}
         return Snapshot(taken_at=taken_at, users=users,

@@ -515,6 +515,38 @@ class TokenStore:
         data["groups"] = json.loads(data["groups"])
         return data
 
+    def purge(self, *, before: datetime, now: datetime, actor: str = "purge") -> int:
+        """Delete expired and revoked tokens whose status changed before `before`.
+
+        The audit trail stays: each deleted token gets a `purged` row in the same transaction.
+        """
+        with self._write() as conn:
+            rows = conn.execute(
+                sa.select(tokens_t.c.id, tokens_t.c.owner, tokens_t.c.status)
+                .where(tokens_t.c.status.in_([Status.EXPIRED.value, Status.REVOKED.value]),
+                       tokens_t.c.status_changed_at < before)).all()
+            for r in rows:
+                self._audit(conn, at=now, actor=actor, action="purged", token_id=r.id,
+                            owner=r.owner, reason=None, details={"status": r.status})
+            if rows:
+                ids = [r.id for r in rows]
+                for i in range(0, len(ids), 500):
+                    conn.execute(sa.delete(tokens_t).where(tokens_t.c.id.in_(ids[i:i + 500])))
+        return len(rows)
+
+    def token_counts(self) -> dict[str, int]:
+        """Tokens by status, for metrics."""
+        with self._read() as conn:
+            rows = conn.execute(sa.select(tokens_t.c.status, sa.func.count())
+                                .group_by(tokens_t.c.status)).all()
+        counts = {s.value: 0 for s in Status}
+        counts.update({r[0]: int(r[1]) for r in rows})
+        return counts
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        return _sqlite_path(self.url) if self.backend == "sqlite" else None
+
     # -- audit --
 
     def _audit(self, conn: Connection, *, at: datetime, actor: str, action: str,

@@ -7,7 +7,7 @@ in one transaction. A directory error or a refused plan changes nothing.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -67,10 +67,18 @@ def _log_applied(applied: Sequence[StatusChange], actor: str) -> None:
                  reason=ch.reason, actor=actor)
 
 
+class SyncAborted(Exception):
+    """The daemon is stopping; the run ended before applying anything."""
+
+
 def run_sync(directory: DirectoryReader, store: SyncStore, policy: PolicyConfig,
              sync: SyncConfig, *, now: datetime, dry_run: bool = False,
-             force: bool = False) -> SyncReport:
-    """One sync pass: expiry plus directory membership. Raises on outage or refusal."""
+             force: bool = False, abort: Callable[[], bool] | None = None) -> SyncReport:
+    """One sync pass: expiry plus directory membership. Raises on outage or refusal.
+
+    `abort` is asked just before applying: a stopping daemon drops the plan rather than
+    start a transaction it may not be given time to finish.
+    """
     started = time.monotonic()
     try:
         snapshot = directory.snapshot()
@@ -96,6 +104,9 @@ def run_sync(directory: DirectoryReader, store: SyncStore, policy: PolicyConfig,
     if dry_run:
         return SyncReport(plan, (), refusal, len(snapshot.users), time.monotonic() - started,
                           True, timings)
+    if abort is not None and abort():
+        log.info("sync.aborted", planned=len(plan))
+        raise SyncAborted("stopping")
     applied = store.apply_sync(plan, now=now, owners={t.owner for t in tokens},
                                users=snapshot.users, server=snapshot.server,
                                users_read=len(snapshot.users))
