@@ -182,7 +182,7 @@ class SyncConfig:
 def _listen(v: Any) -> str | None:
     if v == "":
         return None
-    host, sep, port = v.rpartition(":")
+    _host, sep, port = v.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         return "must be host:port such as 127.0.0.1:9464, or empty to turn it off"
     return None

@@ -85,7 +85,7 @@ class PostgresLeader:
                         log.info("leader.elected", pid=os.getpid())
             finally:
                 cur.close()
-        except Exception as exc:  # noqa: BLE001 - a lost connection means lost leadership
+        except Exception as exc:
             if self.leader:
                 log.warning("leader.lost", error=str(exc).splitlines()[0] if str(exc) else "")
             self.leader = False

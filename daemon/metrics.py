@@ -40,7 +40,8 @@ class Metrics:
             self._server, _thread = start_http_server(int(port), addr=host,
                                                       registry=self.registry)
         except OSError as exc:
-            raise ConfigError(f"metrics.listen: cannot listen on {listen}: {exc.strerror}") from None
+            raise ConfigError(f"metrics.listen: cannot listen on {listen}: "
+                              f"{exc.strerror}") from None
 
     def close(self) -> None:
         if self._server is not None:

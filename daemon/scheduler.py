@@ -128,7 +128,7 @@ class Daemon:
             self._failures.pop(job_id, None)
         except (GroupgateError, SyncAborted) as exc:
             self._failed(job_id, exc)
-        except Exception as exc:  # noqa: BLE001 - a bug must not kill the daemon either
+        except Exception as exc:
             log.exception("job.crashed", job=job_id, error=str(exc))
             self._failed(job_id, exc)
         finally:

@@ -70,7 +70,7 @@ def test_secret_never_shows() -> None:
 
 
 def test_missing_ca_file_is_named() -> None:
-    with pytest.raises(ConfigError, match="directory.ca_file: /nope.pem does not exist"):
+    with pytest.raises(ConfigError, match=r"directory\.ca_file: /nope\.pem does not exist"):
         adapter(ca_file="/nope.pem")
 
 
