@@ -7,6 +7,7 @@ never depends on it, since applications read the store.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -17,6 +18,7 @@ from types import FrameType
 from typing import Any
 
 import structlog
+from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
@@ -200,6 +202,10 @@ class Daemon:
         self.notifier.send(WATCHDOG=1)
 
     def _schedule(self, first_sync: datetime | None) -> None:
+        """(Re)create the jobs from the current config; used at start and on reload."""
+        for job_id in ("sync", "expire", "purge"):
+            with contextlib.suppress(JobLookupError):
+                self.scheduler.remove_job(job_id)
         s = self.config.sync
         jitter = int(s.jitter.total_seconds()) or None
         self.scheduler.add_job(self._job, IntervalTrigger(seconds=s.interval.total_seconds(),
