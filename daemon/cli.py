@@ -256,6 +256,20 @@ def cmd_run(ctx: Context) -> int:
     return Daemon(ctx.config, ctx.args.config).run()
 
 
+def cmd_serve(ctx: Context) -> int:
+    """The HTTP service alone, in the foreground (uvicorn handles SIGTERM/SIGINT)."""
+    if not ctx.config.http.listen:
+        raise BadInput("http.listen is not set in the config; nothing to serve")
+    try:
+        from daemon import web
+    except ImportError as exc:
+        raise BadInput(f"the HTTP service needs groupgate[http]: {exc.name} is missing") \
+            from None
+    _web, app = web.build(ctx.config)
+    web.server(ctx.config, app).run()
+    return EXIT_OK
+
+
 def _read_password(ctx: Context) -> str:
     if ctx.args.password_stdin:
         return sys.stdin.readline().rstrip("\r\n")
@@ -402,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ru = sub.add_parser("run", help="run the daemon: scheduled sync, expiry and purge")
     ru.set_defaults(handler=cmd_run)
+    se = sub.add_parser("serve", help="run only the HTTP service (forward auth, API, page)")
+    se.set_defaults(handler=cmd_serve)
 
     sy = sub.add_parser("sync", help="make tokens follow the directory now")
     sy.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")

@@ -189,6 +189,24 @@ def _listen(v: Any) -> str | None:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    """The optional HTTP service (groupgate[http]): forward auth, self-service API and page."""
+
+    listen: str = field(default="", metadata=_opt(_listen))
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    allow_plain_http: bool = False
+    realm: str = field(default="groupgate", metadata=_opt(
+        lambda v: None if v and '"' not in v and "\\" not in v else "must be non-empty, "
+        "without quotes or backslashes"))
+    session_secret_file: str = ""
+    session_minutes: int = field(default=60, metadata=_opt(_range(1, 24 * 60)))
+    login_max_failures: int = field(default=5, metadata=_opt(_range(1, 1000)))
+    login_window_seconds: int = field(default=300, metadata=_opt(_range(1, 86400)))
+    trusted_proxies: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     listen: str = field(default="", metadata=_opt(_listen))
 
@@ -223,6 +241,7 @@ class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = field(default="<defaults>", compare=False)
@@ -308,6 +327,16 @@ def _cross_checks(cfg: Config, file: str) -> None:
             raise ConfigError(f"{file}: policy: group name #{i + 1} is empty")
     if cfg.directory.configured and not cfg.directory.base_dn:
         raise ConfigError(f"{file}: directory.base_dn: must be set when directory.urls is")
+    h = cfg.http
+    if bool(h.tls_cert_file) != bool(h.tls_key_file):
+        raise ConfigError(f"{file}: http.tls_key_file: set both tls_cert_file and tls_key_file")
+    if h.listen and not h.tls_cert_file and not h.allow_plain_http:
+        host = h.listen.rpartition(":")[0].strip("[]")
+        if not (host.startswith("127.") or host in ("localhost", "::1")):
+            raise ConfigError(f"{file}: http.listen: {h.listen} is not loopback; plain HTTP is "
+                              "served on loopback only (put a TLS proxy in front), unless "
+                              "http.tls_cert_file/tls_key_file are set or "
+                              "http.allow_plain_http = true")
     if cfg.directory.start_tls and any(u.startswith("ldaps://") for u in cfg.directory.urls):
         raise ConfigError(f"{file}: directory.start_tls: not with ldaps:// URLs (already TLS)")
 

@@ -69,6 +69,7 @@ class Daemon:
         self._instance_lock: SqliteInstanceLock | None = None
         self._leader: PostgresLeader | None = None
         self._was_leader = False
+        self._http: Any = None
 
     # -- building the parts from config --
 
@@ -275,6 +276,8 @@ class Daemon:
             self._directory = self._open_directory(self.config)
             if self.config.metrics.listen:
                 self.metrics.serve(self.config.metrics.listen)
+            if self.config.http.listen:
+                self._start_http()
             self._schedule(first_sync=self.clock())
             wd = watchdog_interval()
             if wd is not None:
@@ -296,6 +299,26 @@ class Daemon:
         finally:
             self._close()
 
+    def _start_http(self) -> None:
+        """The HTTP service in a thread of this process (verify needs no leadership)."""
+        try:
+            from daemon import web
+        except ImportError as exc:
+            raise ConfigError(f"{self.config.source}: http.listen: the HTTP service needs "
+                              f"groupgate[http] ({exc.name} is missing)") from None
+        _web, app = web.build(self.config)
+        self._http = web.server(self.config, app)
+        thread = threading.Thread(target=self._http.run, name="http", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while not self._http.started and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not self._http.started:
+            raise ConfigError(f"{self.config.source}: http.listen: cannot serve on "
+                              f"{self.config.http.listen}")
+        log.info("http.started", listen=self.config.http.listen,
+                 tls=bool(self.config.http.tls_cert_file))
+
     def _wait_for_jobs(self) -> None:
         deadline = time.monotonic() + STOP_GRACE_SECONDS
         with self._running_cond:
@@ -305,6 +328,8 @@ class Daemon:
     def _close(self) -> None:
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
+        if self._http is not None:
+            self._http.should_exit = True
         if self._leader is not None:
             self._leader.release()
         if self._instance_lock is not None:
