@@ -113,3 +113,57 @@ def bind_password(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
 
 
 
+
+
+class HttpService:
+    """A real groupgate HTTP service (uvicorn in a thread) on a loopback port."""
+
+    def __init__(self, config: Config) -> None:
+        import threading
+
+        from daemon import web
+
+        self.config = config
+        self.web, self.app = web.build(config)
+        self.server = web.server(config, self.app)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://{config.http.listen}"
+
+    def start(self) -> None:
+        from tests.servers.net import wait_until
+
+        self.thread.start()
+        wait_until(lambda: bool(self.server.started) or not self.thread.is_alive(),
+                   timeout=15, what="the HTTP service to start")
+        assert self.server.started, "the HTTP service did not start"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def http_service(fresh_slapd: Any, store: Any, bind_password: Callable[[str], None]
+                 ) -> Iterator[Callable[..., HttpService]]:
+    """Start groupgate's HTTP service over this test's slapd and store; stopped afterwards.
+
+    Call it with config overrides per section: ``http_service(http={"realm": "x"})``.
+    """
+    from tests.servers.net import free_port
+
+    started: list[HttpService] = []
+    bind_password(fresh_slapd.service_password)
+
+    def _start(**sections: dict[str, Any]) -> HttpService:
+        http = {"listen": f"127.0.0.1:{free_port()}", **sections.pop("http", {})}
+        verify = {"argon2": {"memory_kib": 1024}, **sections.pop("verify", {})}
+        cfg = slapd_config(fresh_slapd, store={"url": store.url}, http=http, verify=verify,
+                           **sections)
+        svc = HttpService(cfg)
+        svc.start()
+        started.append(svc)
+        return svc
+
+    yield _start
+    for svc in started:
+        svc.stop()
