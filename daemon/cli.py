@@ -340,7 +340,8 @@ def cmd_verify(ctx: Context) -> int:
         ctx.out.write(f"ok: gg_{result.token_id} of {result.owner}, expires "
                       f"{_fmt_time(result.expires_at)}\n")
         return EXIT_OK
-    detail = f" ({result.status_reason})" if result.status_reason else ""
+    reason = result.status_reason
+    detail = f" ({reason})" if reason and reason != result.reason.value else ""
     ctx.out.write(f"{result.reason.value}{detail}\n")
     return EXIT_VERIFY_FAILED
 

@@ -48,9 +48,13 @@ ensure_venv() {
     local stamp="$VENV/.groupgate-$extras-$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
     if [ ! -e "$stamp" ]; then
         say "installing groupgate[$extras] into $VENV"
-        "$PY" -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
-        "$PY" -m pip install -q --disable-pip-version-check -e "$ROOT[$extras]" 2>&1 | grep -v '^WARNING: Location' || true
-        "$PY" -c 'import daemon.cli' || { say "installing groupgate failed"; return 1; }
+        "$PY" -m pip install -q --disable-pip-version-check --upgrade pip >"$VENV/pip.log" 2>&1 || true
+        if ! "$PY" -m pip install -q --disable-pip-version-check -e "$ROOT[$extras]" >>"$VENV/pip.log" 2>&1 \
+           || ! "$PY" -c 'import daemon.cli'; then
+            cat "$VENV/pip.log" >&2
+            say "installing groupgate failed (log above, also in $VENV/pip.log)"
+            return 1
+        fi
         touch "$stamp"
     fi
 }

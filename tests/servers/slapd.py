@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import shutil
 import os
 import signal
 import subprocess
@@ -38,6 +39,7 @@ from tests.servers.net import free_port, port_is_open
 DEFAULT_SEED = Path(__file__).resolve().parent.parent / "fixtures" / "openldap.ldif"
 
 HOST = "127.0.0.1"
+SLAPD = shutil.which("slapd") or "/usr/sbin/slapd"  # /usr/sbin is not on a normal PATH
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
 POLL_INTERVAL = 0.01
@@ -218,7 +220,7 @@ ppolicy_use_lockout
             t0 = time.monotonic()
             self.proc = subprocess.Popen(
                 ["setpriv", "--pdeathsig", "KILL", "--",
-                 "slapd", "-d", "none", "-f", str(self.conf_path), "-h", self._listen_urls()],
+                 SLAPD, "-d", "none", "-f", str(self.conf_path), "-h", self._listen_urls()],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self.workdir,
             )
         deadline = t0 + timeout
