@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import shutil
 import os
+import shutil
 import signal
 import subprocess
 import time
