@@ -95,7 +95,10 @@ class Daemon:
                 raise
             except StoreUnavailable as exc:
                 log.error("daemon.store_unavailable", error=str(exc), retry_in=delay)
-                self.notifier.send(STATUS=f"waiting for the store: {exc}")
+                # Still starting: extend systemd's start timeout (TimeoutStartSec) so a
+                # database that is down at boot is waited for, not timed out.
+                self.notifier.send(STATUS=f"waiting for the store: {exc}",
+                                   EXTEND_TIMEOUT_USEC=int((delay + 30) * 1_000_000))
                 self._stopping.wait(delay)
                 delay = min(delay * 2, 60.0)
         return None
@@ -212,7 +215,9 @@ class Daemon:
         self.scheduler.add_job(self._job, IntervalTrigger(seconds=s.interval.total_seconds(),
                                                           jitter=jitter),
                                args=("sync", self.sync_once), id="sync", name="sync",
-                               next_run_time=first_sync, replace_existing=True)
+                               replace_existing=True,
+                               # APScheduler adds a job with next_run_time=None *paused*
+                               **({"next_run_time": first_sync} if first_sync else {}))
         self.scheduler.add_job(self._job, IntervalTrigger(
             seconds=s.expire_interval.total_seconds()), args=("expire", self.expire_once),
             id="expire", name="expire", replace_existing=True)

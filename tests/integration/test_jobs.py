@@ -113,7 +113,11 @@ def test_reload_refuses_a_bad_config_and_keeps_the_old(tmp_path: Path, store: To
     cfg_file.write_text(f'[store]\nurl = "{store.url}"\n[sync]\ninterval = "30s"\n')
     assert d.reload() is True
     assert d.config.sync.interval == timedelta(seconds=30)
-    assert d.scheduler.get_job("sync").trigger.interval == timedelta(seconds=30)
+    job = d.scheduler.get_job("sync")
+    assert job.trigger.interval == timedelta(seconds=30)
+    # Scheduled, not paused: APScheduler pauses a job added with next_run_time=None (until
+    # the scheduler starts, a pending job has no next_run_time attribute at all).
+    assert getattr(job, "next_run_time", "computed at start") is not None
 
 
 @pytest.mark.parametrize("listen", ["127.0.0.1:notaport", "nohost"])
