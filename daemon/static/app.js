@@ -2,6 +2,9 @@
 // No inline script anywhere: the Content-Security-Policy allows only this file.
 "use strict";
 document.addEventListener("DOMContentLoaded", () => {
+  // The page that answers "create" is a POST result: make reload a plain GET of the list,
+  // or a reload would post the form again and mint a second token.
+  if (location.pathname === "/tokens") history.replaceState(null, "", "/");
   for (const button of document.querySelectorAll("button.copy")) {
     button.addEventListener("click", async () => {
       const text = document.getElementById(button.dataset.copy).textContent;

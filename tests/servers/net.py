@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -30,3 +31,28 @@ def wait_until(check: Callable[[], bool], *, timeout: float, interval: float = 0
         if time.monotonic() >= deadline:
             raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {what}")
         time.sleep(interval)
+
+
+def pid_listens_on(pid: int, port: int) -> bool:
+    """Whether process `pid` holds the TCP socket listening on 127.0.0.1:`port` (via /proc)."""
+    local = f"0100007F:{port:04X}"
+    inodes: set[str] = set()
+    try:
+        with open("/proc/net/tcp") as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if fields[1] == local and fields[3] == "0A":  # 0A = LISTEN
+                    inodes.add(f"socket:[{fields[9]}]")
+        if not inodes:
+            return False
+        fd_dir = f"/proc/{pid}/fd"
+        for fd in os.listdir(fd_dir):
+            try:
+                if os.readlink(f"{fd_dir}/{fd}") in inodes:
+                    return True
+            except OSError:
+                continue
+    except OSError:
+        return False
+    return False

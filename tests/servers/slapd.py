@@ -34,7 +34,7 @@ import ldap3
 from ldap3.core.exceptions import LDAPException
 
 from tests.servers.certs import TestCerts
-from tests.servers.net import free_port, port_is_open
+from tests.servers.net import free_port, pid_listens_on, port_is_open
 
 DEFAULT_SEED = Path(__file__).resolve().parent.parent / "fixtures" / "openldap.ldif"
 
@@ -230,7 +230,7 @@ ppolicy_use_lockout
                 self.proc = None
                 raise SlapdError(f"slapd exited with {rc} during startup:\n"
                                  + self._log_tail(log_offset))
-            if all(_pid_listens_on(self.proc.pid, p) for p in self._ports()) and self._answers():
+            if all(pid_listens_on(self.proc.pid, p) for p in self._ports()) and self._answers():
                 break
             if time.monotonic() >= deadline:
                 self.kill()
@@ -349,31 +349,6 @@ ppolicy_use_lockout
         if parts:
             self.add_ldif("".join(parts))
         return dns
-
-
-def _pid_listens_on(pid: int, port: int) -> bool:
-    """Whether process `pid` holds the TCP socket listening on 127.0.0.1:`port` (via /proc)."""
-    local = f"0100007F:{port:04X}"
-    inodes: set[str] = set()
-    try:
-        with open("/proc/net/tcp") as f:
-            next(f)
-            for line in f:
-                fields = line.split()
-                if fields[1] == local and fields[3] == "0A":  # 0A = LISTEN
-                    inodes.add(f"socket:[{fields[9]}]")
-        if not inodes:
-            return False
-        fd_dir = f"/proc/{pid}/fd"
-        for fd in os.listdir(fd_dir):
-            try:
-                if os.readlink(f"{fd_dir}/{fd}") in inodes:
-                    return True
-            except OSError:
-                continue
-    except OSError:
-        return False
-    return False
 
 
 def ldif_b64(value: str) -> str:
