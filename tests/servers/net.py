@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -19,6 +21,26 @@ def port_is_open(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(0.2)
         return s.connect_ex((host, port)) == 0
+
+
+def stop_process(proc: subprocess.Popen[bytes] | subprocess.Popen[str] | None, *,
+                 signals: tuple[signal.Signals, ...] = (signal.SIGTERM,),
+                 timeout: float = 10.0) -> None:
+    """Stop a child by its own PID: each of `signals` in turn (sharing `timeout`), SIGKILL last.
+
+    With no signals it is an immediate SIGKILL (a simulated crash). Always reaps the child.
+    """
+    if proc is None or proc.poll() is not None:
+        return
+    for sig in signals:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=timeout / len(signals))
+            return
+        except subprocess.TimeoutExpired:
+            continue
+    proc.kill()
+    proc.wait(timeout=timeout)
 
 
 def wait_until(check: Callable[[], bool], *, timeout: float, interval: float = 0.02,

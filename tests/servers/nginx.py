@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
-from tests.servers.net import free_port, pid_listens_on, port_is_open
+from tests.servers.net import free_port, pid_listens_on, port_is_open, stop_process
 
 NGINX_BIN = "/usr/sbin/nginx"
 HOST = "127.0.0.1"
@@ -210,29 +210,11 @@ http {{
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """SIGQUIT (graceful) our own PID, then SIGTERM, then SIGKILL, each with a deadline."""
-        proc = self.proc
-        if proc is None:
-            return
-        for sig, wait in ((signal.SIGQUIT, timeout / 2), (signal.SIGTERM, timeout / 2)):
-            if proc.poll() is not None:
-                break
-            proc.send_signal(sig)
-            try:
-                proc.wait(timeout=wait)
-            except subprocess.TimeoutExpired:
-                continue
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=timeout)
+        stop_process(self.proc, signals=(signal.SIGQUIT, signal.SIGTERM), timeout=timeout)
         self.proc = None
 
     def kill(self) -> None:
-        proc = self.proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=STOP_TIMEOUT)
+        stop_process(self.proc, signals=(), timeout=STOP_TIMEOUT)
         self.proc = None
 
     def __enter__(self) -> Self:

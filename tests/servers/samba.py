@@ -30,7 +30,6 @@ import fcntl
 import json
 import os
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -44,7 +43,7 @@ from ldap3 import BASE, MODIFY_ADD, MODIFY_DELETE, MODIFY_REPLACE, NONE, Connect
 from ldap3.core.exceptions import LDAPException
 from ldap3.utils.conv import escape_filter_chars
 
-from tests.servers.net import port_is_open, wait_until
+from tests.servers.net import port_is_open, stop_process, wait_until
 
 SAMBA = "/usr/sbin/samba"
 SAMBA_TOOL = "/usr/bin/samba-tool"
@@ -425,13 +424,7 @@ class SambaDC:
         """
         proc, self.proc = self.proc, None
         if proc is not None:
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    os.kill(proc.pid, signal.SIGKILL)
-                    proc.wait(5)
+            stop_process(proc, timeout=timeout)
             if proc.stdin is not None:
                 proc.stdin.close()
             wait_until(

@@ -23,7 +23,6 @@ import base64
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ import ldap3
 from ldap3.core.exceptions import LDAPException
 
 from tests.servers.certs import TestCerts
-from tests.servers.net import free_port, pid_listens_on, port_is_open
+from tests.servers.net import free_port, pid_listens_on, port_is_open, stop_process
 
 DEFAULT_SEED = Path(__file__).resolve().parent.parent / "fixtures" / "openldap.ldif"
 
@@ -241,26 +240,12 @@ ppolicy_use_lockout
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """SIGTERM our own PID and wait; SIGKILL if it has not exited by the deadline."""
-        proc = self.proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=timeout)
+        stop_process(self.proc, timeout=timeout)
         self.proc = None
 
     def kill(self) -> None:
         """SIGKILL now (simulated crash/outage); the data directory stays usable."""
-        proc = self.proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=STOP_TIMEOUT)
+        stop_process(self.proc, signals=(), timeout=STOP_TIMEOUT)
         self.proc = None
 
     def __enter__(self) -> Self:
