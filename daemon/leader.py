@@ -20,7 +20,12 @@ from daemon.errors import GroupgateError, StoreUnavailable
 
 log = structlog.get_logger("groupgate.leader")
 
-LOCK_KEY = 0x67676761746531  # "ggate1": one key for all groupgate instances of a database
+LOCK_KEY = 0x67676761746531  # "ggate1"
+
+# Advisory locks belong to the database, but a groupgate store may be one schema of it (the
+# search_path of store.url): the key mixes in current_schema(), so stores in two schemas of
+# one database each elect their own leader instead of sharing one.
+_KEY_SQL = "hashtextextended('groupgate-leader:' || coalesce(current_schema(), ''), %s)"
 
 
 class AlreadyRunning(GroupgateError):
@@ -78,7 +83,7 @@ class PostgresLeader:
                 if self.leader:
                     cur.execute("SELECT 1")  # still connected means the lock is still ours
                 else:
-                    cur.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,))
+                    cur.execute(f"SELECT pg_try_advisory_lock({_KEY_SQL})", (LOCK_KEY,))
                     row = cur.fetchone()
                     if row and row[0]:
                         self.leader = True
@@ -104,7 +109,7 @@ class PostgresLeader:
         if self._conn is not None and self.leader:
             with contextlib.suppress(Exception):
                 cur = self._conn.driver_connection.cursor()
-                cur.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+                cur.execute(f"SELECT pg_advisory_unlock({_KEY_SQL})", (LOCK_KEY,))
                 cur.close()
         self.leader = False
         if self._conn is not None:

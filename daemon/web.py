@@ -241,10 +241,24 @@ class Web:
                 return fwd.split(",")[-1].strip()
         return host
 
+    def _throttle_keys(self, request: Request, name: str) -> list[str]:
+        """Per username always; per client address only when the address means something.
+
+        Behind a proxy that is not in http.trusted_proxies every client looks like the
+        proxy (usually loopback): counting by that address would let five wrong passwords
+        from anyone lock everybody out.
+        """
+        keys = [f"user:{name}"]
+        addr = self.client(request)
+        if not (addr.startswith("127.") or addr == "::1"):
+            keys.append(f"addr:{addr}")
+        return keys
+
     def login(self, request: Request, username: str, password: str) -> User:
         name = canonical_username(username)
-        ukey, ckey = f"user:{name}", f"addr:{self.client(request)}"
-        wait = self.throttle.retry_after(ukey, ckey)
+        keys = self._throttle_keys(request, name)
+        ukey = keys[0]
+        wait = self.throttle.retry_after(*keys)
         if wait:
             log.warning("http.login_throttled", user=name, client=self.client(request))
             raise Problem(429, "too-many-attempts", "Too many failed logins",
@@ -257,7 +271,7 @@ class Web:
         try:
             du = self.directory.authenticate(name, password)
         except NotPermitted:
-            self.throttle.failed(ukey, ckey)
+            self.throttle.failed(*keys)
             log.info("http.login_failed", user=name, client=self.client(request))
             raise Problem(401, "not-authenticated", "Wrong username or password") from None
         self.throttle.succeeded(ukey)
@@ -300,8 +314,13 @@ class Web:
 
     # -- actions --
 
-    def create_token(self, user: User, name: str, lifetime: timedelta | None) -> Any:
-        """Create a token for the caller's own account after a fresh directory check."""
+    def create_token(self, user: User, name: str, lifetime: timedelta | None, *,
+                     expires_at: datetime | None = None) -> Any:
+        """Create a token for the caller's own account after a fresh directory check.
+
+        Give a `lifetime` or an exact `expires_at`; the latter is kept to the microsecond
+        (measured from the same instant the token is created at).
+        """
         if self.directory is None:
             raise Problem(503, "directory-unavailable", "No directory is configured")
         du = self.directory.lookup_user(user.username)
@@ -313,9 +332,12 @@ class Web:
             raise Problem(403, "not-in-allowed-group", "You cannot create tokens",
                           f"only members of {groups} may hold tokens, and you are not one")
         cap = self.config.policy.lifetime_cap_days(du.groups)
-        if lifetime is None:
+        now = self.clock()
+        if expires_at is not None:
+            lifetime = expires_at - now
+        elif lifetime is None:
             lifetime = timedelta(days=min(self.config.policy.default_lifetime_days, cap))
-        return self.service.create(du.username, name, lifetime, self.clock(),
+        return self.service.create(du.username, name, lifetime, now,
                                    created_by=du.username, max_lifetime_days=cap)
 
     def revoke(self, user: User, token_id: str, *, as_admin: bool) -> TokenRecord:
@@ -448,6 +470,12 @@ def create_app(web: Web) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            # FastAPI's answer to a body it cannot decode (JSON that is not UTF-8, say): the
+            # same documented 422 as a body that is not JSON at all
+            return _problem_response(Problem(
+                422, "validation-error", "Invalid request", "body: cannot be parsed",
+                errors=[{"field": "body", "message": "cannot be parsed"}]))
         kinds = {404: "not-found", 405: "method-not-allowed"}
         return _problem_response(Problem(exc.status_code, kinds.get(exc.status_code, "http"),
                                          str(exc.detail)))
@@ -506,19 +534,33 @@ def create_app(web: Web) -> FastAPI:
             if not sep or not username or not password:
                 raise Problem(401, "not-authenticated", "Malformed Basic credentials",
                               headers=www_auth)
-            return web.login(request, username, password)
+            try:
+                return web.login(request, username, password)
+            except Problem as p:
+                if p.status == 401:  # RFC 9110: a 401 names the scheme to retry with
+                    p.headers = {**www_auth, **p.headers}
+                raise
         raise Problem(401, "not-authenticated", "Log in with your directory username and "
                       "password", headers=www_auth)
 
     def admin_user(user: Annotated[User, Depends(api_user)]) -> User:
+        # a session's admin flag is from login time: ask the directory again for admin rights
+        user = web.refreshed(user)
         if not user.admin:
             raise Problem(403, "not-admin", "Administrators only")
         return user
 
     ApiUser = Annotated[User, Depends(api_user)]
     AdminUser = Annotated[User, Depends(admin_user)]
-    problems: dict[int | str, dict[str, Any]] = {
-        s: {"model": ProblemOut, "content": {PROBLEM: {}}} for s in (401, 403, 422, 429, 503)}
+    # Every error is application/problem+json (never application/json): document it so,
+    # with its schema, so that clients and schemathesis can check problem bodies.
+    problem_schema = ProblemOut.model_json_schema()
+
+    def problem_docs(*codes: int) -> dict[int | str, dict[str, Any]]:
+        return {c: {"description": "Problem details (RFC 9457)",
+                    "content": {PROBLEM: {"schema": problem_schema}}} for c in codes}
+
+    problems = problem_docs(401, 403, 422, 429, 503)
 
     # -- API: session --
 
@@ -555,18 +597,15 @@ def create_app(web: Web) -> FastAPI:
                           "lifetime_days: give lifetime_days or expires_at, not both",
                           errors=[{"field": "lifetime_days",
                                    "message": "give lifetime_days or expires_at, not both"}])
-        lifetime: timedelta | None = None
-        if body.lifetime_days is not None:
-            lifetime = timedelta(days=body.lifetime_days)
-        elif body.expires_at is not None:
-            at = body.expires_at if body.expires_at.tzinfo else body.expires_at.replace(
-                tzinfo=UTC)
-            lifetime = at - web.clock()
-        created = web.create_token(user, body.name, lifetime)
+        lifetime = None if body.lifetime_days is None else timedelta(days=body.lifetime_days)
+        at = body.expires_at
+        if at is not None and at.tzinfo is None:
+            at = at.replace(tzinfo=UTC)
+        created = web.create_token(user, body.name, lifetime, expires_at=at)
         return TokenCreated(**_token_out(created.record).model_dump(), token=created.token)
 
     @app.delete("/api/v1/tokens/{token_id}", status_code=204, tags=["tokens"],
-                responses={**problems, 404: {"model": ProblemOut}, 409: {"model": ProblemOut}})
+                responses={**problems, **problem_docs(404, 409)})
     def revoke_own(token_id: str, user: ApiUser) -> Response:
         """Revoke one of your own tokens (final)."""
         web.revoke(user, token_id, as_admin=False)
@@ -583,7 +622,7 @@ def create_app(web: Web) -> FastAPI:
         return [_token_out(t) for t in web.store.list_tokens(owner=own, status=status)]
 
     @app.delete("/api/v1/admin/tokens/{token_id}", status_code=204, tags=["admin"],
-                responses={**problems, 404: {"model": ProblemOut}, 409: {"model": ProblemOut}})
+                responses={**problems, **problem_docs(404, 409)})
     def admin_revoke(token_id: str, user: AdminUser) -> Response:
         """Revoke anyone's token (final)."""
         web.revoke(user, token_id, as_admin=True)
@@ -686,13 +725,15 @@ def create_app(web: Web) -> FastAPI:
             return RedirectResponse("/login", status_code=303)
         check_form_csrf(user, csrf, request)
         try:
+            span: timedelta | None = None
+            until: datetime | None = None
             if lifetime == "date":
                 day = datetime.strptime(expires_on, "%Y-%m-%d").replace(tzinfo=UTC)
                 # to the end of the chosen day (UTC), shown as that day 23:59
-                span: timedelta | None = day + timedelta(days=1, seconds=-1) - web.clock()
-            else:
-                span = timedelta(days=int(lifetime)) if lifetime else None
-            created = web.create_token(user, name, span)
+                until = day + timedelta(days=1, seconds=-1)
+            elif lifetime:
+                span = timedelta(days=int(lifetime))
+            created = web.create_token(user, name, span, expires_at=until)
         except ValueError:
             return tokens_page(request, user, error="Choose a lifetime or a valid date.",
                                status=422)
@@ -731,6 +772,7 @@ def create_app(web: Web) -> FastAPI:
         user = page_user(request)
         if user is None:
             return RedirectResponse("/login", status_code=303)
+        user = web.refreshed(user)
         if not user.admin:
             raise Problem(403, "not-admin", "Administrators only")
         st = Status(status) if status in {s.value for s in Status} else None
