@@ -30,6 +30,7 @@ from daemon.model import AuditRecord, Status, TokenRecord
 from daemon.service import CreatedToken, TokenService
 from daemon.store import TokenStore
 from daemon.tokens import SecretHasher
+from tests.servers.net import free_port, pid_connected_to
 
 GROUPGATE = str(Path(sys.executable).parent / "groupgate")
 TOKEN_USERS = "cn=token-users,ou=groups,dc=example,dc=org"
@@ -314,28 +315,6 @@ def actions(store: TokenStore, token: CreatedToken) -> list[tuple[str, str]]:
     return [(e.action, e.actor) for e in store.audit_events(token_id=token.record.id)]
 
 
-def _pid_connected_to(pid: int, port: int) -> bool:
-    """Whether process `pid` holds an established TCP connection to 127.0.0.1:`port`."""
-    remote = f"0100007F:{port:04X}"
-    inodes: set[str] = set()
-    try:
-        with open("/proc/net/tcp") as f:
-            next(f)
-            for line in f:
-                fields = line.split()
-                if fields[2] == remote and fields[3] == "01":  # 01 = ESTABLISHED
-                    inodes.add(f"socket:[{fields[9]}]")
-        if not inodes:
-            return False
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            with contextlib.suppress(OSError):
-                if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
-                    return True
-    except OSError:
-        return False
-    return False
-
-
 def leader_lock_holder(store: TokenStore) -> str:
     """Who holds advisory locks in this PostgreSQL database, for failure messages.
 
@@ -492,7 +471,7 @@ def test_sigterm_during_a_sync_exits_0_and_applies_nothing_half(env: Env) -> Non
 
     proc = env.run()
     proc.wait_event("daemon.started")
-    poll(lambda: _pid_connected_to(proc.pid, env.server.port), 10,
+    poll(lambda: pid_connected_to(proc.pid, env.server.port), 10,
          "the daemon's snapshot connection to slapd")
     sent = time.monotonic()
     proc.signal(signal.SIGTERM)
@@ -568,4 +547,21 @@ def test_directory_down_at_start_up_then_converges(env: Env) -> None:
     poll(lambda: (env.store.sync_state() or {}).get("last_result") == "ok", 10,
          "sync_state ok")
     assert_store_consistent(env.store)
+    assert proc.stop() == 0
+
+
+def test_run_serves_the_http_service_when_configured(env: Env) -> None:
+    """With http.listen set, `groupgate run` answers forward auth next to its jobs."""
+    import httpx
+
+    port = free_port()
+    env.write_config(http={"listen": f"127.0.0.1:{port}"})
+    proc = env.start()
+    proc.wait_event("http.started")
+    alice = mint(env.store, "alice", "laptop")
+    base = f"http://127.0.0.1:{port}"
+    assert httpx.get(f"{base}/healthz", timeout=5).status_code == 204
+    ok = httpx.get(f"{base}/auth", auth=("alice", alice.token), timeout=5)
+    assert ok.status_code == 204 and ok.headers["x-auth-user"] == "alice"
+    assert httpx.get(f"{base}/auth", auth=("bob", alice.token), timeout=5).status_code == 401
     assert proc.stop() == 0

@@ -55,16 +55,16 @@ def wait_until(check: Callable[[], bool], *, timeout: float, interval: float = 0
         time.sleep(interval)
 
 
-def pid_listens_on(pid: int, port: int) -> bool:
-    """Whether process `pid` holds the TCP socket listening on 127.0.0.1:`port` (via /proc)."""
-    local = f"0100007F:{port:04X}"
+def _pid_has_tcp(pid: int, port: int, *, column: int, state: str) -> bool:
+    """Whether process `pid` holds a TCP socket on 127.0.0.1:`port` in `state` (via /proc)."""
+    address = f"0100007F:{port:04X}"
     inodes: set[str] = set()
     try:
         with open("/proc/net/tcp") as f:
             next(f)
             for line in f:
                 fields = line.split()
-                if fields[1] == local and fields[3] == "0A":  # 0A = LISTEN
+                if fields[column] == address and fields[3] == state:
                     inodes.add(f"socket:[{fields[9]}]")
         if not inodes:
             return False
@@ -78,3 +78,13 @@ def pid_listens_on(pid: int, port: int) -> bool:
     except OSError:
         return False
     return False
+
+
+def pid_listens_on(pid: int, port: int) -> bool:
+    """Whether process `pid` listens on 127.0.0.1:`port` (so a server we started owns it)."""
+    return _pid_has_tcp(pid, port, column=1, state="0A")  # 0A = LISTEN
+
+
+def pid_connected_to(pid: int, port: int) -> bool:
+    """Whether process `pid` has an established connection to 127.0.0.1:`port`."""
+    return _pid_has_tcp(pid, port, column=2, state="01")  # 01 = ESTABLISHED
