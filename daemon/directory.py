@@ -431,7 +431,9 @@ class LdapDirectory:
         if not name or not name.isprintable() or len(name) > 256:
             skipped.append(SkippedEntry(dn, f"unusable {self.username_attr}"))
             return None
-        member_of = tuple(normalize_dn(v) for v in (_decode(_attr(raw, "memberOf")) or []))
+        member_of: tuple[str, ...] = ()
+        if self.membership == "memberof":
+            member_of = tuple(normalize_dn(v) for v in (_decode(_attr(raw, "memberOf")) or []))
         return _UserEntry(name, dn, self._disabled(raw), member_of)
 
     def _disabled(self, raw: Any) -> bool:
@@ -576,8 +578,20 @@ class LdapDirectory:
             level = log.debug if (s.dn, s.why) in self._reported else log.warning
             level("directory.entry_skipped", dn=s.dn, why=s.why)
             self._reported.add((s.dn, s.why))
-        users = {name: self._directory_user(u, disabled, group_members)
-                 for name, u in users_by_name.items()}
+        # Invert group -> members once, and share one frozenset per distinct combination:
+        # 100,000 users fall into a handful of combinations.
+        groups_of: dict[str, list[str]] = {}
+        for g, members in group_members.items():
+            for m in members:
+                groups_of.setdefault(m, []).append(g)
+        shared: dict[tuple[str, ...], frozenset[str]] = {(): frozenset()}
+        users = {}
+        for name, u in users_by_name.items():
+            key = tuple(groups_of.get(name, ()))
+            groups = shared.get(key)
+            if groups is None:
+                groups = shared[key] = frozenset(key)
+            users[name] = self._make_user(u, groups, disabled)
         return Snapshot(taken_at=taken_at, users=users,
                         group_sizes={g: len(m) for g, m in group_members.items()},
                         skipped=tuple(skipped), server=url,
@@ -586,9 +600,13 @@ class LdapDirectory:
     def _directory_user(self, u: _UserEntry, disabled_dns: set[str],
                         group_members: dict[str, set[str]]) -> DirectoryUser:
         groups = frozenset(g for g, m in group_members.items() if u.username in m)
+        return self._make_user(u, groups, disabled_dns)
+
+    def _make_user(self, u: _UserEntry, groups: frozenset[str],
+                   disabled_dns: set[str]) -> DirectoryUser:
         allowed = any(g.casefold() in groups for g in self.policy.allowed_groups)
         admin = any(g.casefold() in groups for g in self.policy.admin_groups)
-        disabled = u.disabled or normalize_dn(u.dn) in disabled_dns
+        disabled = u.disabled or (bool(disabled_dns) and normalize_dn(u.dn) in disabled_dns)
         return DirectoryUser(u.username, u.dn, disabled, allowed, admin, groups)
 
     # -- one user (token creation, `directory user`) --

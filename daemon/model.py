@@ -51,6 +51,35 @@ class TokenRecord:
         return display_id(self.id)
 
 
+class TokenState(Protocol):
+    """What policy needs to know of a token (TokenRecord and LiveToken both have it)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def owner(self) -> str: ...
+
+    @property
+    def status(self) -> Status: ...
+
+    @property
+    def status_reason(self) -> str | None: ...
+
+    @property
+    def expires_at(self) -> datetime: ...
+
+
+class LiveToken(NamedTuple):
+    """A live token as sync reads it: only what planning needs, cheap to build by the 100,000."""
+
+    id: str
+    owner: str
+    status: Status
+    status_reason: str | None
+    expires_at: datetime
+
+
 class VerifyRow(NamedTuple):
     """What verify needs from the store, read by one primary-key lookup.
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from daemon.config import PolicyConfig, SyncConfig
-from daemon.model import DirectoryUser, Snapshot, Status, StatusChange, TokenRecord
+from daemon.model import DirectoryUser, Snapshot, Status, StatusChange, TokenState
 
 Plan = tuple[StatusChange, ...]
 
@@ -35,14 +35,14 @@ def wanted_state(user: DirectoryUser | None) -> tuple[Status, str | None]:
     return Status.ACTIVE, None
 
 
-def plan_expiry(tokens: Iterable[TokenRecord], now: datetime) -> Plan:
+def plan_expiry(tokens: Iterable[TokenState], now: datetime) -> Plan:
     """Live tokens at or past their expiry become expired (final)."""
     return tuple(
         StatusChange("expire", t.id, t.owner, t.status, Status.EXPIRED, EXPIRED)
         for t in tokens if not t.status.final and now >= t.expires_at)
 
 
-def plan_sync(snapshot: Snapshot, tokens: Iterable[TokenRecord], policy: PolicyConfig,
+def plan_sync(snapshot: Snapshot, tokens: Iterable[TokenState], policy: PolicyConfig,
               now: datetime) -> Plan:
     """Suspend and reactivate tokens to follow the directory.
 
@@ -75,7 +75,7 @@ class Refusal:
     counts: dict[str, int | float]
 
 
-def check_brake(snapshot: Snapshot, plan: Plan, tokens: Sequence[TokenRecord],
+def check_brake(snapshot: Snapshot, plan: Plan, tokens: Sequence[TokenState],
                 policy: PolicyConfig, sync: SyncConfig) -> Refusal | None:
     """Refuse plans that look like a directory accident rather than a decision.
 
