@@ -312,6 +312,22 @@ class Web:
                             max_age=self.config.http.session_minutes * 60, httponly=True,
                             secure=self.secure_cookies, samesite="strict", path="/")
 
+    # -- forward auth --
+
+    def auth_answer(self, header: str) -> tuple[int, list[tuple[str, str]]]:
+        """Status and headers for /auth: 204 naming the user, 401 with a challenge, or 503."""
+        try:
+            result = self.verifier.verify_basic(header)
+        except StoreUnavailable:
+            return 503, [("Retry-After", "5")]
+        if result.ok:
+            assert result.owner is not None and result.expires_at is not None
+            return 204, [("X-Auth-User", result.owner),
+                         ("X-Auth-Token-Id", f"gg_{result.token_id}"),
+                         ("X-Token-Expires", result.expires_at.isoformat())]
+        return 401, [("WWW-Authenticate",
+                      f'Basic realm="{self.config.http.realm}", charset="UTF-8"')]
+
     # -- actions --
 
     def create_token(self, user: User, name: str, lifetime: timedelta | None, *,
@@ -395,6 +411,37 @@ def load_session_secret(config: Config) -> bytes:
 
 # --- the app -----------------------------------------------------------------------------------
 
+class ForwardAuthFastPath:
+    """GET /auth answered before routing: the one endpoint proxies call on every request.
+
+    FastAPI's routing and dependency machinery cost about twice the token check itself
+    (bench/http_auth.sh); this answers exactly as the documented /auth route does.
+    """
+
+    def __init__(self, app: ASGIApp, *, web: "Web") -> None:
+        self.app = app
+        self.web = web
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (scope["type"] != "http" or scope["path"] != "/auth"
+                or scope["method"] not in ("GET", "HEAD")):
+            await self.app(scope, receive, send)
+            return
+        header = ""
+        for key, value in scope["headers"]:
+            if key == b"authorization":
+                header = value.decode("latin-1")
+                break
+        if self.web.inline_verify:  # SQLite answers in microseconds: a thread hop costs more
+            status, headers = self.web.auth_answer(header)
+        else:
+            status, headers = await anyio.to_thread.run_sync(self.web.auth_answer, header)
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(k.lower().encode("latin-1"), v.encode("latin-1"))
+                                for k, v in headers]})
+        await send({"type": "http.response.body", "body": b""})
+
+
 class SecurityHeaders:
     """Security headers on every answer, as a plain ASGI middleware.
 
@@ -440,6 +487,8 @@ def create_app(web: Web) -> FastAPI:
     realm = web.config.http.realm
     www_auth = {"WWW-Authenticate": f'Basic realm="{realm}", charset="UTF-8"'}
 
+    # The last added is the outermost: security headers wrap the fast path's answers too.
+    app.add_middleware(ForwardAuthFastPath, web=web)
     app.add_middleware(SecurityHeaders, hsts=bool(web.config.http.tls_cert_file))
 
     def wants_html(request: Request) -> bool:
@@ -482,17 +531,9 @@ def create_app(web: Web) -> FastAPI:
 
     # -- forward auth --
 
-    def _auth_answer(header: str) -> Response:
-        try:
-            result = web.verifier.verify_basic(header)
-        except StoreUnavailable:
-            return Response(status_code=503, headers={"Retry-After": "5"})
-        if result.ok:
-            assert result.owner is not None and result.expires_at is not None
-            return Response(status_code=204, headers={
-                "X-Auth-User": result.owner, "X-Auth-Token-Id": f"gg_{result.token_id}",
-                "X-Token-Expires": result.expires_at.isoformat()})
-        return Response(status_code=401, headers=www_auth)
+    def _auth_response(header: str) -> Response:
+        status, headers = web.auth_answer(header)
+        return Response(status_code=status, headers=dict(headers))
 
     @app.get("/auth", status_code=204, tags=["forward auth"],
              responses={204: {"description": "Valid token; X-Auth-User names the user"},
@@ -500,10 +541,11 @@ def create_app(web: Web) -> FastAPI:
                         503: {"description": "Token store unavailable"}})
     async def forward_auth(request: Request) -> Response:
         """For nginx auth_request, Traefik forwardAuth and Caddy forward_auth."""
+        # Normally answered by ForwardAuthFastPath before routing; this route documents it.
         header = request.headers.get("authorization", "")
-        if web.inline_verify:  # SQLite answers in microseconds: a thread hop would cost more
-            return _auth_answer(header)
-        return await anyio.to_thread.run_sync(_auth_answer, header)
+        if web.inline_verify:
+            return _auth_response(header)
+        return await anyio.to_thread.run_sync(_auth_response, header)
 
     @app.get("/healthz", status_code=204, tags=["ops"])
     async def healthz() -> Response:
