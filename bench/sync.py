@@ -62,7 +62,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -76,6 +75,8 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import structlog  # noqa: E402
+
+from bench.scratch import pg_scratch_schema  # noqa: E402
 
 # Before anything logs: info lines per change would distort the timings.
 structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
@@ -312,26 +313,8 @@ def store_url(backend: str, pg_dsn: str, tmp: Path) -> Iterator[tuple[str, str]]
     if backend == "sqlite":
         yield f"sqlite:///{tmp / 'groupgate.db'}", f"SQLite {sqlite3.sqlite_version} (WAL)"
         return
-    import psycopg
-    from psycopg.conninfo import conninfo_to_dict
-
-    parts = conninfo_to_dict(pg_dsn)
-    schema = "gg_bench_" + uuid.uuid4().hex[:10]
-    url = sa.engine.URL.create(
-        "postgresql+psycopg", username=str(parts.get("user", "postgres")),
-        password=str(parts["password"]) if parts.get("password") else None,
-        host=str(parts.get("host", "127.0.0.1")), port=int(parts.get("port") or 5432),
-        database=str(parts.get("dbname", "test")),
-        query={"options": f"-csearch_path={schema}"}).render_as_string(hide_password=False)
-    with psycopg.connect(pg_dsn, autocommit=True, connect_timeout=5) as admin:
-        version = str(admin.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
-        admin.execute(f'CREATE SCHEMA "{schema}"')
-    try:
+    with pg_scratch_schema(pg_dsn) as (url, version, schema):
         yield url, f"PostgreSQL {version} (schema {schema})"
-    finally:
-        with psycopg.connect(pg_dsn, autocommit=True, connect_timeout=5) as admin:
-            admin.execute("SET lock_timeout = '30s'")
-            admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
 # --- sync runs and the report -------------------------------------------------------------------

@@ -39,7 +39,6 @@ import sqlite3
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -49,11 +48,16 @@ from typing import Any
 
 import structlog
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
 # Before anything logs: a log line per refused verify would distort every timing below.
 structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 
 import sqlalchemy as sa  # noqa: E402
 
+from bench.scratch import pg_scratch_schema  # noqa: E402
 from daemon.store import TokenStore, tokens_t  # noqa: E402
 from daemon.tokens import TOKEN_LEN, ParsedToken, SecretHasher, generate  # noqa: E402
 from daemon.verify import Reason, Verifier, VerifyResult  # noqa: E402
@@ -258,41 +262,27 @@ def sqlite_backend() -> Iterator[Backend]:
 @contextmanager
 def postgresql_backend(dsn: str) -> Iterator[Backend]:
     import psycopg
-    from psycopg.conninfo import conninfo_to_dict
 
-    parts = conninfo_to_dict(dsn)
-    schema = "gg_bench_" + uuid.uuid4().hex[:10]
-    url = sa.engine.URL.create(
-        "postgresql+psycopg", username=str(parts.get("user", "postgres")),
-        password=str(parts["password"]) if parts.get("password") else None,
-        host=str(parts.get("host", "127.0.0.1")), port=int(parts.get("port") or 5432),
-        database=str(parts.get("dbname", "test")),
-        query={"options": f"-csearch_path={schema}"}).render_as_string(hide_password=False)
-    with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as admin:
-        server = str(admin.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
-        admin.execute(f'CREATE SCHEMA "{schema}"')
-    state: dict[str, Any] = {}
-    sql = LOOKUP_SQL.format(ph="%s")
+    with pg_scratch_schema(dsn) as (url, server, schema):
+        state: dict[str, Any] = {}
+        sql = LOOKUP_SQL.format(ph="%s")
 
-    def bare(token_id: str) -> Any:
-        cur = state["cur"]
-        cur.execute(sql, (token_id,), prepare=True)
-        return cur.fetchone()
+        def bare(token_id: str) -> Any:
+            cur = state["cur"]
+            cur.execute(sql, (token_id,), prepare=True)
+            return cur.fetchone()
 
-    def open_bare() -> None:
-        conn = psycopg.connect(dsn, autocommit=True, options=f"-csearch_path={schema}")
-        state["conn"] = conn
-        state["cur"] = conn.cursor()
+        def open_bare() -> None:
+            conn = psycopg.connect(dsn, autocommit=True, options=f"-csearch_path={schema}")
+            state["conn"] = conn
+            state["cur"] = conn.cursor()
 
-    try:
-        yield Backend("postgresql", url, bare, open_bare,
-                      server=f"PostgreSQL {server} (schema {schema})")
-    finally:
-        if "conn" in state:
-            state["conn"].close()
-        with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as admin:
-            admin.execute("SET lock_timeout = '30s'")
-            admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        try:
+            yield Backend("postgresql", url, bare, open_bare,
+                          server=f"PostgreSQL {server} (schema {schema})")
+        finally:
+            if "conn" in state:
+                state["conn"].close()
 
 
 # --- one backend, start to finish -------------------------------------------------------------

@@ -1,0 +1,34 @@
+"""A throwaway PostgreSQL schema for a benchmark run, shared by the bench scripts."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import sqlalchemy as sa
+
+
+@contextmanager
+def pg_scratch_schema(dsn: str) -> Iterator[tuple[str, str, str]]:
+    """(SQLAlchemy URL with search_path set, server version, schema); dropped at exit."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    parts = conninfo_to_dict(dsn)
+    schema = "gg_bench_" + uuid.uuid4().hex[:10]
+    url = sa.engine.URL.create(
+        "postgresql+psycopg", username=str(parts.get("user", "postgres")),
+        password=str(parts["password"]) if parts.get("password") else None,
+        host=str(parts.get("host", "127.0.0.1")), port=int(parts.get("port") or 5432),
+        database=str(parts.get("dbname", "test")),
+        query={"options": f"-csearch_path={schema}"}).render_as_string(hide_password=False)
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as admin:
+        version = str(admin.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
+        admin.execute(f'CREATE SCHEMA "{schema}"')
+    try:
+        yield url, version, schema
+    finally:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as admin:
+            admin.execute("SET lock_timeout = '30s'")
+            admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
