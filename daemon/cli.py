@@ -448,8 +448,8 @@ def _positive_int(text: str) -> int:
         n = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
+    if not 1 <= n <= 1_000_000:
+        raise argparse.ArgumentTypeError("must be between 1 and 1000000")
     return n
 
 

@@ -8,6 +8,7 @@ the file and the dotted key: ``config.toml: policy.max_lifetime_days: must be >=
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -33,7 +34,10 @@ def parse_duration(text: str, *, default_unit: str = "s") -> timedelta:
     m = _DURATION.match(text)
     if not m:
         raise ValueError(f"{text!r} is not a duration like 30s, 5m, 12h, 30d or 2w")
-    return timedelta(seconds=int(m.group(1)) * _UNIT_SECONDS[m.group(2) or default_unit])
+    try:
+        return timedelta(seconds=int(m.group(1)) * _UNIT_SECONDS[m.group(2) or default_unit])
+    except OverflowError:
+        raise ValueError(f"{text!r} is far too long a duration") from None
 
 
 # Validators take the converted value and return an error text, or None when fine.
@@ -42,6 +46,8 @@ Check = Callable[[Any], "str | None"]
 
 def _range(lo: float | None = None, hi: float | None = None) -> Check:
     def check(v: Any) -> str | None:
+        if isinstance(v, float) and not math.isfinite(v):
+            return "must be a finite number"
         if lo is not None and v < lo:
             return f"must be >= {lo}"
         if hi is not None and v > hi:
@@ -201,6 +207,9 @@ class HttpConfig:
         "without quotes or backslashes"))
     session_secret_file: str = ""
     session_minutes: int = field(default=60, metadata=_opt(_range(1, 24 * 60)))
+    # Secure cookies go over HTTPS only: right behind a TLS proxy, which is the recommended
+    # set-up even when groupgate itself listens on plain loopback HTTP.
+    secure_cookies: bool = True
     login_max_failures: int = field(default=5, metadata=_opt(_range(1, 1000)))
     login_window_seconds: int = field(default=300, metadata=_opt(_range(1, 86400)))
     trusted_proxies: tuple[str, ...] = ()
@@ -248,8 +257,9 @@ class Config:
 
 
 def redact_url(url: str) -> str:
-    """Hide a password in a database URL so it can be logged or shown."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+    """Hide a password in a database URL (user part or query) so it can be logged or shown."""
+    shown = re.sub(r"(://[^/@]*?:)[^/]*@", r"\1***@", url)
+    return re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", shown)
 
 
 def _type_name(tp: Any) -> str:

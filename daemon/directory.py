@@ -73,6 +73,9 @@ FLAVORS = {
                       ("member", "uniqueMember", "memberUid"), "member", None, False, False),
 }
 _DN_VALUED = {"member", "uniquemember"}
+# Naming contexts AD places textually below the domain DN, which searches from the domain
+# root are referred to: they hold configuration and DNS data, never users or groups.
+_AD_PARTITIONS = {"cn=configuration", "dc=domaindnszones", "dc=forestdnszones"}
 
 
 class Secret:
@@ -200,6 +203,18 @@ def _strip_uid_suffix(value: str) -> str:
     return value
 
 
+def _decode_each(values: Sequence[bytes], dn: str, attr: str) -> list[str]:
+    """Every value that is UTF-8; each one that is not is skipped with an event naming it,
+    so one bad value never silently takes the others (a whole group's members) with it."""
+    out = []
+    for v in values:
+        try:
+            out.append(v.decode("utf-8"))
+        except UnicodeDecodeError:
+            log.warning("directory.entry_skipped", dn=dn, why=f"a {attr} value is not UTF-8")
+    return out
+
+
 def _decode(values: Sequence[bytes]) -> list[str] | None:
     try:
         return [v.decode("utf-8") for v in values]
@@ -225,6 +240,7 @@ class _UserEntry:
     dn: str
     disabled: bool
     member_of: tuple[str, ...]
+    raw_name: str = ""  # the attribute value as stored (memberUid matches it case-exactly)
 
 
 class LdapDirectory:
@@ -341,20 +357,34 @@ class LdapDirectory:
                 raise DirectoryUnavailable(
                     f"search {flt} under {base} failed: {result.get('description')}"
                     f"{': ' + result['message'] if result.get('message') else ''}")
-            refs = 0
+            refs: list[str] = []
             for entry in conn.response or []:
                 if entry.get("type") == "searchResEntry":
                     yield entry
                 else:
-                    refs += 1
+                    refs.extend(entry.get("uri") or [])
             if refs:
-                log.debug("directory.references_ignored", base=base, count=refs)
+                self._check_references(base, refs)
             if not (paged and scope is not BASE):
                 return
             ctl = (result.get("controls") or {}).get("1.2.840.113556.1.4.319")
             cookie = ctl["value"]["cookie"] if ctl else None
             if not cookie:
                 return
+
+    def _check_references(self, base: str, uris: list[str]) -> None:
+        """Continuation references to other naming contexts (AD's DNS zones, say) are fine;
+        one into the configured user or group base means entries we would not see: error."""
+        bases = {normalize_dn(self.user_base), normalize_dn(self.group_base)}
+        for uri in uris:
+            target = normalize_dn(uri.split("://", 1)[-1].split("/", 1)[-1].split("?", 1)[0])
+            if target.split(",", 1)[0] in _AD_PARTITIONS:
+                continue  # AD's own naming contexts below the domain: no users or groups
+            if any(target == b or target.endswith("," + b) for b in bases):
+                raise DirectoryUnavailable(f"search under {base} was referred to {uri}, inside "
+                                           "the configured base; groupgate does not follow "
+                                           "referrals (point directory.urls at that server)")
+        log.debug("directory.references_ignored", base=base, count=len(uris))
 
     def _read_multi(self, conn: Connection, dn: str, attr: str) -> list[bytes] | None:
         """All values of one attribute of one entry, following AD range retrieval."""
@@ -433,8 +463,9 @@ class LdapDirectory:
             return None
         member_of: tuple[str, ...] = ()
         if self.membership == "memberof":
-            member_of = tuple(normalize_dn(v) for v in (_decode(_attr(raw, "memberOf")) or []))
-        return _UserEntry(name, dn, self._disabled(raw), member_of)
+            member_of = tuple(normalize_dn(v)
+                              for v in _decode_each(_attr(raw, "memberOf"), dn, "memberOf"))
+        return _UserEntry(name, dn, self._disabled(raw), member_of, decoded[0])
 
     def _disabled(self, raw: Any) -> bool:
         attr = self.flavor.disabled_attribute
@@ -488,7 +519,7 @@ class LdapDirectory:
             gdn = queue.pop()
             for attr in self.member_attrs:
                 raw = self._read_multi(conn, gdn, attr)
-                values = _decode(raw or []) or []
+                values = _decode_each(raw or [], gdn, attr)
                 if attr.lower() not in _DN_VALUED:
                     for v in values:
                         u = users_by_name.get(canonical_username(v))
@@ -620,10 +651,17 @@ class LdapDirectory:
         name = canonical_username(username)
         if not name:
             return None
-        flt = f"(&{self.user_filter}({self.username_attr}={escape_filter_chars(name)}))"
-        skipped: list[SkippedEntry] = []
-        found = [u for e in self._search(conn, self.user_base, flt, self._user_attrs())
-                 if (u := self._parse_user(e, skipped)) is not None and u.username == name]
+        # The name as typed (stripped), not case-folded: LDAP matching ignores case but does
+        # not fold (ß is not ss); entries are then compared by their canonical form.
+        # A canonical name (from a session or the store) is tried as well.
+        found: list[_UserEntry] = []
+        for spelling in dict.fromkeys((username.strip(), name)):
+            flt = f"(&{self.user_filter}({self.username_attr}={escape_filter_chars(spelling)}))"
+            skipped: list[SkippedEntry] = []
+            found = [u for e in self._search(conn, self.user_base, flt, self._user_attrs())
+                     if (u := self._parse_user(e, skipped)) is not None and u.username == name]
+            if found:
+                break
         if len(found) != 1:
             if len(found) > 1:
                 log.warning("directory.entry_skipped", dn=found[0].dn,
@@ -655,7 +693,7 @@ class LdapDirectory:
             queue = list(found)
             while self.policy.nested_groups and queue:
                 raw = self._read_multi(conn, queue.pop(), "memberOf") or []
-                for v in _decode(raw) or []:
+                for v in _decode_each(raw, user.dn, "memberOf"):
                     k = normalize_dn(v)
                     if k not in found:
                         found.add(k)
@@ -667,8 +705,12 @@ class LdapDirectory:
                     self._search(conn, self.group_base, flt, _NO_ATTRS)}
         terms = []
         for attr in self.member_attrs:
-            value = user.dn if attr.lower() in _DN_VALUED else user.username
-            terms.append(f"({attr}={escape_filter_chars(value)})")
+            if attr.lower() in _DN_VALUED:
+                terms.append(f"({attr}={escape_filter_chars(user.dn)})")
+                continue
+            # memberUid matches case-exactly: ask for the stored spelling and the folded one
+            for value in dict.fromkeys((user.raw_name or user.username, user.username)):
+                terms.append(f"({attr}={escape_filter_chars(value)})")
         found = set()
         frontier = [f"(&{self.group_filter}(|{''.join(terms)}))"]
         while frontier:
@@ -711,7 +753,7 @@ class LdapDirectory:
                 if code == RESULT_INVALID_CREDENTIALS:
                     raise NotPermitted("wrong username or password")
                 raise DirectoryUnavailable(f"{url}: bind failed: {probe.result.get('description')}")
-            info = self._lookup(conn, user.username)
+            info = self._lookup(conn, user.raw_name or user.username)
             if info is None:
                 raise NotPermitted("wrong username or password")
             return info

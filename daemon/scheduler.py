@@ -70,6 +70,7 @@ class Daemon:
         self._leader: PostgresLeader | None = None
         self._was_leader = False
         self._http: Any = None
+        self._web: Any = None
 
     # -- building the parts from config --
 
@@ -248,6 +249,11 @@ class Daemon:
             new = load_config(self.config_path)
             if new.store.url != self.config.store.url:
                 raise ConfigError(f"{new.source}: store.url: cannot change on reload; restart")
+            if self._web is not None:
+                for section in ("http", "verify"):
+                    if getattr(new, section) != getattr(self.config, section):
+                        raise ConfigError(f"{new.source}: {section}: cannot change on reload "
+                                          "while the HTTP service runs; restart")
             directory = self._open_directory(new)
         except GroupgateError as exc:
             log.error("config.reload_failed", error=str(exc))
@@ -255,6 +261,8 @@ class Daemon:
             return False
         self.config = new
         self._directory = directory
+        if self._web is not None:  # the HTTP service follows policy and directory changes
+            self._web.reconfigure(new, directory)
         logs.configure(new.log.format, new.log.level)
         self._schedule(first_sync=None)
         log.info("config.reloaded", file=new.source)
@@ -311,7 +319,7 @@ class Daemon:
         except ImportError as exc:
             raise ConfigError(f"{self.config.source}: http.listen: the HTTP service needs "
                               f"groupgate[http] ({exc.name} is missing)") from None
-        _web, app = web.build(self.config)
+        self._web, app = web.build(self.config)
         self._http = web.server(self.config, app)
         thread = threading.Thread(target=self._http.run, name="http", daemon=True)
         thread.start()

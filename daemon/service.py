@@ -19,6 +19,10 @@ log = structlog.get_logger("groupgate.service")
 MAX_NAME_LEN = 64
 
 
+class FinalToken(BadInput):
+    """The token is already expired or revoked: nothing left to do."""
+
+
 @dataclass(frozen=True)
 class CreatedToken:
     """A new token and its one-time secret text; the secret never shows in repr()."""
@@ -103,16 +107,22 @@ class TokenService:
     def revoke(self, token_id: str, *, actor: str, now: datetime,
                reason: str | None = None) -> TokenRecord:
         """Revoke a live token (final); revoking a final token is an error that names its state."""
-        tok = self._store.get_token(token_id)
-        if tok is None:
-            raise BadInput(f"no token gg_{token_id}")
-        if tok.status.final:
-            raise BadInput(f"token {tok.display_id} is already {tok.status.value}")
-        change = StatusChange("revoke", tok.id, tok.owner, tok.status, Status.REVOKED,
-                              reason or "revoked")
-        applied = self._store.apply_changes([change], actor=actor, now=now)
-        if not applied:
-            raise BadInput(f"token {tok.display_id} changed meanwhile; look again")
+        if reason is not None and (len(reason) > 64 or not reason.isprintable()):
+            raise BadInput("the reason must be at most 64 printable characters")
+        # A sync may move a token between active and suspended at any moment: retry with the
+        # fresh status, so that a revocation never silently leaves a token merely suspended.
+        for _attempt in range(5):
+            tok = self._store.get_token(token_id)
+            if tok is None:
+                raise BadInput(f"no token gg_{token_id}")
+            if tok.status.final:
+                raise FinalToken(f"token {tok.display_id} is already {tok.status.value}")
+            change = StatusChange("revoke", tok.id, tok.owner, tok.status, Status.REVOKED,
+                                  reason or "revoked")
+            if self._store.apply_changes([change], actor=actor, now=now):
+                break
+        else:
+            raise BadInput(f"token gg_{token_id} keeps changing; try again")
         log.info("token.revoked", token_id=tok.id, owner=tok.owner, actor=actor,
                  reason=change.reason)
         updated = self._store.get_token(token_id)

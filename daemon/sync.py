@@ -99,6 +99,11 @@ def _run_sync(directory: DirectoryReader, store: SyncStore, policy: PolicyConfig
               sync: SyncConfig, *, now: datetime, dry_run: bool, force: bool,
               abort: Callable[[], bool] | None) -> SyncReport:
     started = time.monotonic()
+    # Tokens first: one created while the directory is being read (seconds, for a big one)
+    # is then simply not in this plan, instead of judged by a snapshot from before its owner
+    # qualified. Changes to the tokens read are guarded by their from-status at apply time.
+    tokens = store.live_tokens()
+    t_load = time.monotonic()
     try:
         snapshot = directory.snapshot()
     except DirectoryUnavailable as exc:
@@ -107,12 +112,10 @@ def _run_sync(directory: DirectoryReader, store: SyncStore, policy: PolicyConfig
             store.record_sync_failure(now=now, result="failed", message=str(exc))
         raise
     t_snap = time.monotonic()
-    tokens = store.live_tokens()
-    t_load = time.monotonic()
     plan = plan_expiry(tokens, now) + plan_sync(snapshot, tokens, policy, now)
     t_plan = time.monotonic()
     refusal = check_brake(snapshot, plan, tokens, policy, sync)
-    timings = {"snapshot": t_snap - started, "load": t_load - t_snap, "plan": t_plan - t_load}
+    timings = {"load": t_load - started, "snapshot": t_snap - t_load, "plan": t_plan - t_snap}
     if refusal is not None and not (force and refusal.forceable):
         log.error(refusal.event, reason=refusal.message, **refusal.counts)
         if not dry_run:

@@ -44,7 +44,7 @@ from daemon.errors import (
     StoreUnavailable,
 )
 from daemon.model import DirectoryReader, Status, TokenRecord, canonical_username
-from daemon.service import TokenService
+from daemon.service import FinalToken, TokenService
 from daemon.tokens import SecretHasher, normalize_token_id, parse
 from daemon.verify import Verifier
 
@@ -178,7 +178,13 @@ class User:
 
 
 class Throttle:
-    """Failed logins per key (username, client address) in a sliding window."""
+    """Login attempts per key (username, client address) in a sliding window.
+
+    An attempt is reserved before the directory bind and given back when it succeeds, so
+    parallel requests cannot all slip past the check while the first binds are running.
+    """
+
+    MAX_KEYS = 100_000
 
     def __init__(self, max_failures: int, window: float) -> None:
         self.max = max_failures
@@ -186,29 +192,45 @@ class Throttle:
         self._fails: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
 
-    def retry_after(self, *keys: str) -> int:
+    def _prune(self, key: str, now: float) -> deque[float] | None:
+        q = self._fails.get(key)
+        while q and now - q[0] > self.window:
+            q.popleft()
+        return q
+
+    def reserve(self, *keys: str) -> int:
+        """0 and the attempt counted, or the seconds to wait before trying again."""
         now = time.monotonic()
-        worst = 0.0
+        with self._lock:
+            worst = 0.0
+            for k in keys:
+                q = self._prune(k, now)
+                if q and len(q) >= self.max:
+                    worst = max(worst, self.window - (now - q[0]))
+            if worst:
+                return int(worst) + 1
+            if len(self._fails) >= self.MAX_KEYS:
+                self._evict(now)
+            for k in keys:
+                self._fails.setdefault(k, deque()).append(now)
+            return 0
+
+    def _evict(self, now: float) -> None:
+        """Bounded memory under a flood of made-up names, without freeing blocked keys."""
+        for k in list(self._fails):
+            q = self._prune(k, now)
+            if not q or len(q) < self.max:
+                del self._fails[k]
+
+    def release(self, *keys: str) -> None:
+        """A successful login: its reserved attempt does not count against anyone."""
         with self._lock:
             for k in keys:
                 q = self._fails.get(k)
-                while q and now - q[0] > self.window:
-                    q.popleft()
-                if q and len(q) >= self.max:
-                    worst = max(worst, self.window - (now - q[0]))
-        return int(worst) + 1 if worst else 0
-
-    def failed(self, *keys: str) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if len(self._fails) > 100_000:
-                self._fails.clear()  # bounded memory under a flood; throttling restarts
-            for k in keys:
-                self._fails.setdefault(k, deque()).append(now)
-
-    def succeeded(self, username_key: str) -> None:
-        with self._lock:
-            self._fails.pop(username_key, None)
+                if q:
+                    q.pop()
+                    if not q:
+                        del self._fails[k]
 
 
 class Web:
@@ -229,7 +251,7 @@ class Web:
                                  config.http.login_window_seconds)
         self.clock = clock
         self.inline_verify = getattr(store, "backend", "sqlite") == "sqlite"
-        self.secure_cookies = bool(config.http.tls_cert_file) or _public(config.http.listen)
+        self.secure_cookies = config.http.secure_cookies
 
     # -- authentication --
 
@@ -257,8 +279,7 @@ class Web:
     def login(self, request: Request, username: str, password: str) -> User:
         name = canonical_username(username)
         keys = self._throttle_keys(request, name)
-        ukey = keys[0]
-        wait = self.throttle.retry_after(*keys)
+        wait = self.throttle.reserve(*keys)
         if wait:
             log.warning("http.login_throttled", user=name, client=self.client(request))
             raise Problem(429, "too-many-attempts", "Too many failed logins",
@@ -267,25 +288,37 @@ class Web:
             raise Problem(401, "token-not-accepted", "Tokens cannot be used to log in",
                           "log in with your directory password, not a token")
         if self.directory is None:
+            self.throttle.release(*keys)
             raise Problem(503, "directory-unavailable", "No directory is configured")
         try:
-            du = self.directory.authenticate(name, password)
+            du = self.directory.authenticate(username, password)
         except NotPermitted:
-            self.throttle.failed(*keys)
             log.info("http.login_failed", user=name, client=self.client(request))
             raise Problem(401, "not-authenticated", "Wrong username or password") from None
-        self.throttle.succeeded(ukey)
+        except DirectoryUnavailable:
+            self.throttle.release(*keys)
+            raise
+        self.throttle.release(*keys)
         return User(du.username, du.admin and not du.disabled, du.allowed and not du.disabled,
                     du.groups, secrets.token_urlsafe(24))
 
-    def refreshed(self, user: User) -> User:
+    def refreshed(self, user: User, *, strict: bool = False) -> User:
         """The session's user with membership as the directory says now (the page must not
-        offer a create form to someone who left the group after logging in)."""
+        offer a create form to someone who left the group after logging in).
+
+        `strict` (admin rights): fail closed with 503 when the directory cannot answer,
+        instead of trusting what the cookie said at login.
+        """
         if self.directory is None:
+            if strict:
+                raise Problem(503, "directory-unavailable", "No directory is configured")
             return user
         try:
             du = self.directory.lookup_user(user.username)
         except DirectoryUnavailable:
+            if strict:
+                raise Problem(503, "directory-unavailable",
+                              "The directory is unavailable") from None
             return user
         if du is None:
             return User(user.username, False, False, frozenset(), user.csrf)
@@ -311,6 +344,14 @@ class Web:
         response.set_cookie(SESSION_COOKIE, self.session_cookie(user),
                             max_age=self.config.http.session_minutes * 60, httponly=True,
                             secure=self.secure_cookies, samesite="strict", path="/")
+
+    def reconfigure(self, config: Config, directory: DirectoryReader | None) -> None:
+        """A reloaded config (SIGHUP): new policy and directory for every later request."""
+        a = config.verify.argon2
+        self.service = TokenService(self.store, SecretHasher(a.time_cost, a.memory_kib,
+                                                             a.parallelism), config.policy)
+        self.directory = directory
+        self.config = config
 
     # -- forward auth --
 
@@ -357,18 +398,20 @@ class Web:
                                    created_by=du.username, max_lifetime_days=cap)
 
     def revoke(self, user: User, token_id: str, *, as_admin: bool) -> TokenRecord:
+        if as_admin:  # never on the cookie's word: admin rights as the directory says now
+            user = self.refreshed(user, strict=True)
+            if not user.admin:
+                raise Problem(403, "not-admin", "Administrators only")
         tid = normalize_token_id(token_id)
         tok = self.store.get_token(tid) if tid else None
         if tok is None or (not as_admin and tok.owner != user.username):
             raise Problem(404, "token-not-found", "No such token")
-        if as_admin and not user.admin:
-            raise Problem(403, "not-admin", "Administrators only")
         actor = f"{'admin' if as_admin else 'user'}:{user.username}"
         try:
             return self.service.revoke(tok.id, actor=actor, now=self.clock(),
                                        reason="revoked by admin" if as_admin and
                                        tok.owner != user.username else "revoked by owner")
-        except BadInput as exc:
+        except FinalToken as exc:
             raise Problem(409, "token-final", "The token is already final", str(exc)) from None
 
     def status_words(self, t: TokenRecord) -> str:
@@ -385,11 +428,6 @@ class Web:
         return t.status.value
 
 
-def _public(listen: str) -> bool:
-    host = listen.rpartition(":")[0].strip("[]")
-    return bool(listen) and not (host.startswith("127.") or host in ("localhost", "::1"))
-
-
 def load_session_secret(config: Config) -> bytes:
     """From http.session_secret_file (share it between instances), else random per process."""
     path = config.http.session_secret_file
@@ -404,6 +442,9 @@ def load_session_secret(config: Config) -> bytes:
     except FileNotFoundError:
         raise ConfigError(f"{config.source}: http.session_secret_file: {p} does not exist") \
             from None
+    except OSError as exc:
+        raise ConfigError(f"{config.source}: http.session_secret_file: cannot read {p}: "
+                          f"{exc.strerror}") from None
     if len(data) < 32:
         raise ConfigError(f"{config.source}: http.session_secret_file: needs at least 32 bytes")
     return data
@@ -437,7 +478,9 @@ class ForwardAuthFastPath:
         else:
             status, headers = await anyio.to_thread.run_sync(self.web.auth_answer, header)
         await send({"type": "http.response.start", "status": status,
-                    "headers": [(k.lower().encode("latin-1"), v.encode("latin-1"))
+                    # UTF-8: a directory name like "łukasz" does not fit latin-1, and proxies
+                    # copy the bytes through as they are
+                    "headers": [(k.lower().encode("ascii"), v.encode("utf-8"))
                                 for k, v in headers]})
         await send({"type": "http.response.body", "body": b""})
 
@@ -481,7 +524,8 @@ def create_app(web: Web) -> FastAPI:
     app = FastAPI(title="groupgate", version=__version__,
                   description="Forward auth and self-service for personal API tokens governed "
                   "by directory group membership.",
-                  docs_url="/api/docs", redoc_url=None, openapi_url="/api/openapi.json")
+                  # no Swagger UI: it needs inline script and CDN assets, which the CSP forbids
+                  docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     realm = web.config.http.realm
@@ -533,7 +577,10 @@ def create_app(web: Web) -> FastAPI:
 
     def _auth_response(header: str) -> Response:
         status, headers = web.auth_answer(header)
-        return Response(status_code=status, headers=dict(headers))
+        response = Response(status_code=status)
+        response.raw_headers.extend((k.lower().encode("ascii"), v.encode("utf-8"))
+                                    for k, v in headers)
+        return response
 
     @app.get("/auth", status_code=204, tags=["forward auth"],
              responses={204: {"description": "Valid token; X-Auth-User names the user"},
@@ -587,7 +634,7 @@ def create_app(web: Web) -> FastAPI:
 
     def admin_user(user: Annotated[User, Depends(api_user)]) -> User:
         # a session's admin flag is from login time: ask the directory again for admin rights
-        user = web.refreshed(user)
+        user = web.refreshed(user, strict=True)
         if not user.admin:
             raise Problem(403, "not-admin", "Administrators only")
         return user
@@ -776,7 +823,7 @@ def create_app(web: Web) -> FastAPI:
             elif lifetime:
                 span = timedelta(days=int(lifetime))
             created = web.create_token(user, name, span, expires_at=until)
-        except ValueError:
+        except (ValueError, OverflowError):
             return tokens_page(request, user, error="Choose a lifetime or a valid date.",
                                status=422)
         except Problem as p:
@@ -814,7 +861,7 @@ def create_app(web: Web) -> FastAPI:
         user = page_user(request)
         if user is None:
             return RedirectResponse("/login", status_code=303)
-        user = web.refreshed(user)
+        user = web.refreshed(user, strict=True)
         if not user.admin:
             raise Problem(403, "not-admin", "Administrators only")
         st = Status(status) if status in {s.value for s in Status} else None

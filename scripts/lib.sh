@@ -26,6 +26,8 @@ apt_install() {
     if [ ! -e /usr/sbin/policy-rc.d ]; then
         printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
         made_policy=1
+        # never leave the host refusing every service start if the install is interrupted
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT INT TERM
     fi
     if [ -z "${GROUPGATE_APT_UPDATED:-}" ]; then
         apt-get -o DPkg::Lock::Timeout=600 update -qq >/dev/null
@@ -33,7 +35,7 @@ apt_install() {
     fi
     local rc=0
     apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || rc=$?
-    [ -n "$made_policy" ] && rm -f /usr/sbin/policy-rc.d
+    if [ -n "$made_policy" ]; then rm -f /usr/sbin/policy-rc.d; trap - EXIT INT TERM; fi
     return $rc
 }
 

@@ -156,6 +156,8 @@ def http_service(fresh_slapd: Any, store: Any, bind_password: Callable[[str], No
 
     def _start(**sections: dict[str, Any]) -> HttpService:
         http = {"listen": f"127.0.0.1:{free_port()}", **sections.pop("http", {})}
+        if "tls_cert_file" not in http:  # plain HTTP on loopback: cookies cannot be Secure
+            http.setdefault("secure_cookies", False)
         verify = {"argon2": {"memory_kib": 1024}, **sections.pop("verify", {})}
         cfg = slapd_config(fresh_slapd, store={"url": store.url}, http=http, verify=verify,
                            **sections)

@@ -141,7 +141,7 @@ def test_token_never_accepted_on_argv(run: Run, ready: TokenStore) -> None:
 @pytest.mark.parametrize("argv,fragment", [
     (["token", "show", "nope"], "not a token id"),
     (["token", "list", "--status", "weird"], "invalid choice"),
-    (["audit", "--limit", "0"], "must be at least 1"),
+    (["audit", "--limit", "0"], "must be between 1 and 1000000"),
     (["frobnicate"], "invalid choice"),
     ([], "required"),
     (["token", "show", "gg_AAAAAAAAAAAA"], "no token gg_AAAAAAAAAAAA"),

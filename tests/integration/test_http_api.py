@@ -647,3 +647,33 @@ def test_with_a_certificate_the_service_speaks_https_and_cookies_are_secure(
     with pytest.raises(httpx.HTTPError):
         clients(svc).get("/healthz")  # plain HTTP to the TLS port gets no answer
 
+
+
+@pytest.mark.slapd
+def test_a_demoted_admin_cannot_revoke_from_the_page(http_service: Start, clients: Any,
+                                                     store: Any, fresh_slapd: Any) -> None:
+    """Admin rights come from the directory at the time of the request, not from the cookie."""
+    svc = http_service()
+    c = clients(svc)
+    bob = create(c, "bob")
+    session = c.post("/api/v1/session", json={"username": "carol", "password": "carol-pw"})
+    assert session.status_code == 200 and session.json()["admin"] is True
+    csrf = session.json()["csrf_token"]
+    member_change(fresh_slapd, "add", "dave", group="token-admins")  # a group keeps a member
+    member_change(fresh_slapd, "remove", "carol", group="token-admins")
+    r = c.post(f"/tokens/{bob['id']}/revoke", data={"csrf": csrf, "admin": "1"},
+               follow_redirects=False)
+    assert r.status_code == 403
+    assert store.get_token(bob["id"][3:]).status.value == "active"
+
+
+@pytest.mark.slapd
+def test_forward_auth_names_a_user_whose_name_is_not_latin1(http_service: Start, clients: Any,
+                                                           store: Any) -> None:
+    """X-Auth-User carries UTF-8 (proxies pass the bytes through); never a 500."""
+    svc = http_service()
+    made = TokenService(store, SecretHasher(1, 1024, 1), svc.config.policy).create(
+        "łukasz", "x", timedelta(days=1), datetime.now(UTC))
+    r = clients(svc).get("/auth", headers={"Authorization": basic("łukasz", made.token)})
+    assert r.status_code == 204
+    assert dict(r.headers.raw)[b"x-auth-user"].decode("utf-8") == "łukasz"

@@ -97,3 +97,15 @@ def test_equivalent_dns_share_a_key(a: str, b: str) -> None:
 ])
 def test_different_dns_have_different_keys(a: str, b: str) -> None:
     assert normalize_dn(a) != normalize_dn(b)
+
+
+def test_a_referral_into_the_configured_base_is_an_error() -> None:
+    """Entries behind a referral we do not follow would be missing: that is no complete read."""
+    from daemon.errors import DirectoryUnavailable
+
+    d = adapter()
+    d._check_references("dc=x", ["ldap://other/DC=Example,DC=org"])  # outside: fine
+    d._check_references("dc=x", ["ldap://x/CN=Configuration,dc=x",
+                                 "ldap://x/DC=DomainDnsZones,dc=x"])  # AD partitions: fine
+    with pytest.raises(DirectoryUnavailable, match="referred to"):
+        d._check_references("dc=x", ["ldap://east/ou=people,dc=x"])

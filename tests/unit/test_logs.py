@@ -39,3 +39,16 @@ def test_level_filters() -> None:
     logs.configure("json", "warning", stream=buf)
     structlog.get_logger("t").info("quiet")
     assert buf.getvalue() == ""
+
+
+def test_tracebacks_are_scrubbed_too() -> None:
+    """A token in an exception message does not reach the rendered traceback."""
+    buf = io.StringIO()
+    logs.configure("json", "info", stream=buf)
+    tok = str(generate())
+    try:
+        raise ValueError(f"bad thing with {tok}")
+    except ValueError:
+        structlog.get_logger("t").exception("job.crashed")
+    assert tok not in buf.getvalue()
+    assert "ValueError" in json.loads(buf.getvalue())["exception"]
