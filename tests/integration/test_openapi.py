@@ -18,19 +18,17 @@ from typing import Any
 
 import httpx
 import pytest
+import schemathesis  # a dev dependency: missing means a broken install, not a skip
 from hypothesis import HealthCheck, settings
-
-schemathesis = pytest.importorskip("schemathesis")
-
-from schemathesis.checks import not_a_server_error  # noqa: E402
-from schemathesis.specs.openapi.checks import (  # noqa: E402
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     response_schema_conformance,
     status_code_conformance,
 )
 
-from tests.integration.conftest import HttpService, _need_slapd, slapd_config  # noqa: E402
-from tests.servers.net import free_port  # noqa: E402
+from tests.integration.conftest import HttpService, _need_slapd, slapd_config
+from tests.servers.net import free_port
 
 pytestmark = pytest.mark.slapd
 
