@@ -1,7 +1,9 @@
-"""A throwaway PostgreSQL schema for a benchmark run, shared by the bench scripts."""
+"""Pieces shared by the bench scripts: a throwaway PostgreSQL schema, the machine's CPU."""
 
 from __future__ import annotations
 
+import os
+import platform
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,3 +34,18 @@ def pg_scratch_schema(dsn: str) -> Iterator[tuple[str, str, str]]:
         with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as admin:
             admin.execute("SET lock_timeout = '30s'")
             admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+def cpu_summary() -> str:
+    """The CPU model and how many cores this process may use, for the figures' header."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    nproc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{cpu}, nproc {nproc}"

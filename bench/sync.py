@@ -76,7 +76,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import structlog  # noqa: E402
 
-from bench.scratch import pg_scratch_schema  # noqa: E402
+from bench.scratch import cpu_summary, pg_scratch_schema  # noqa: E402
 
 # Before anything logs: info lines per change would distort the timings.
 structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
@@ -418,16 +418,6 @@ def profile_sync(directory: LdapDirectory, store: TokenStore, cfg: Config) -> st
 
 
 def machine_info() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    nproc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     slapd_v = subprocess.run(["slapd", "-VV"], capture_output=True, text=True, check=False)
     slapd_line = (slapd_v.stderr or slapd_v.stdout).splitlines()[0:1]
     slapd_txt = slapd_line[0].split("slapd ")[-1].split(" (")[0] if slapd_line else "?"
@@ -435,7 +425,7 @@ def machine_info() -> str:
     return "\n".join([
         f"python   {platform.python_implementation()} {sys.version.split()[0]} "
         f"on {platform.system()} {platform.release()}",
-        f"cpu      {cpu}, nproc {nproc}",
+        f"cpu      {cpu_summary()}",
         f"slapd    {slapd_txt}",
         f"libs     {libs}",
     ])

@@ -57,7 +57,7 @@ structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.
 
 import sqlalchemy as sa  # noqa: E402
 
-from bench.scratch import pg_scratch_schema  # noqa: E402
+from bench.scratch import cpu_summary, pg_scratch_schema  # noqa: E402
 from daemon.store import TokenStore, tokens_t  # noqa: E402
 from daemon.tokens import TOKEN_LEN, ParsedToken, SecretHasher, generate  # noqa: E402
 from daemon.verify import Reason, Verifier, VerifyResult  # noqa: E402
@@ -386,22 +386,12 @@ def run_backend(backend: Backend, ts: TokenSet, hasher: SecretHasher) -> Backend
 # --- main -------------------------------------------------------------------------------------
 
 def machine_info() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    nproc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     libs = ", ".join(f"{d} {dist_version(d)}" for d in ("SQLAlchemy", "psycopg", "argon2-cffi"))
     return "\n".join([
         f"python   {platform.python_implementation()} {sys.version.split()[0]} "
         f"on {platform.system()} {platform.release()}",
         f"sqlite   {sqlite3.sqlite_version}",
-        f"cpu      {cpu}, nproc {nproc}",
+        f"cpu      {cpu_summary()}",
         f"libs     {libs}",
     ])
 

@@ -377,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     dbs.add_parser("status", help="show the schema revision").set_defaults(
         handler=cmd_db_status)
 
-    tok = sub.add_parser("token", help="list, show and revoke tokens")
+    tok = sub.add_parser("token", help="create, list, show and revoke tokens")
     toks = tok.add_subparsers(dest="token_command", metavar="ACTION", parser_class=_Parser)
     toks.required = True
     tl = toks.add_parser("list", help="list tokens")

@@ -400,16 +400,14 @@ class TokenStore:
             r = conn.execute(sa.select(*_TOKEN_COLUMNS).where(tokens_t.c.id == token_id)).first()
         return _token_from_row(r) if r is not None else None
 
-    def list_tokens(self, *, owner: str | None = None, status: Status | None = None,
-                    statuses: Sequence[Status] | None = None) -> list[TokenRecord]:
+    def list_tokens(self, *, owner: str | None = None,
+                    status: Status | None = None) -> list[TokenRecord]:
         q = sa.select(*_TOKEN_COLUMNS).order_by(tokens_t.c.owner, tokens_t.c.created_at,
                                                 tokens_t.c.id)
         if owner is not None:
             q = q.where(tokens_t.c.owner == owner)
         if status is not None:
             q = q.where(tokens_t.c.status == status.value)
-        if statuses is not None:
-            q = q.where(tokens_t.c.status.in_([s.value for s in statuses]))
         with self._read() as conn:
             return [_token_from_row(r) for r in conn.execute(q)]
 
