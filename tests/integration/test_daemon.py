@@ -285,16 +285,34 @@ def wait_status(store: TokenStore, token: CreatedToken, status: Status, reason: 
     poll(check, timeout, f"{token.record.owner}'s token to be {status.value} ({reason})")
 
 
+def consistent_read(store: TokenStore) -> tuple[list[AuditRecord], list[TokenRecord]]:
+    """The audit log and the tokens from ONE snapshot: read separately, a commit landing in
+    between would look like a token whose audit row is missing."""
+    from daemon.store import _token_from_row, audit_t, tokens_t
+
+    with store.engine.connect() as conn:
+        if store.backend == "postgresql":
+            conn = conn.execution_options(isolation_level="REPEATABLE READ")
+        with conn.begin():
+            audit = conn.execute(sa.select(audit_t).order_by(audit_t.c.id)).all()
+            rows = conn.execute(sa.select(*[c for c in tokens_t.c if c.name != "secret_hash"])
+                                ).all()
+    events = [AuditRecord(id=r.id, at=r.at, actor=r.actor, action=r.action,
+                          token_id=r.token_id, owner=r.owner, reason=r.reason,
+                          details=json.loads(r.details or "{}")) for r in audit]
+    return events, [_token_from_row(r) for r in rows]
+
+
 def assert_store_consistent(store: TokenStore) -> dict[str, list[AuditRecord]]:
     """Every token's status (and reason) is what its last audit row says, and its audit rows
     form one chain (each change starts from the state the previous one left), so no change was
     half-applied or applied twice. Returns the audit rows by token id.
     """
     by_token: dict[str, list[AuditRecord]] = {}
-    for event in store.audit_events():
+    events, tokens = consistent_read(store)
+    for event in events:
         if event.token_id is not None:
             by_token.setdefault(event.token_id, []).append(event)
-    tokens = store.list_tokens()
     assert {t.id for t in tokens} <= set(by_token), "a token without its created audit row"
     for t in tokens:
         rows = by_token[t.id]

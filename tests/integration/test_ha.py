@@ -203,6 +203,22 @@ def _blocked_by(store: TokenStore, holder: int) -> int | None:
             {"h": holder}).scalar()
 
 
+def _settled(store: TokenStore) -> None:
+    """After kill -9 of a client, its PostgreSQL backend may still be finishing the
+    transaction (committing it, if COMMIT was already sent, or rolling it back once it
+    notices the client is gone): wait until nobody else holds a lock on our tokens table."""
+    if store.backend != "postgresql":
+        return  # SQLite has no server side: the commit happened or it did not
+
+    def quiet() -> bool:
+        with store.engine.connect() as conn:
+            return conn.execute(sa.text(
+                "SELECT count(*) FROM pg_locks WHERE relation = 'tokens'::regclass "
+                "AND pid <> pg_backend_pid()")).scalar() == 0
+
+    poll(quiet, 15, "the killed sync's backend to finish")
+
+
 def _backend_gone(store: TokenStore, pid: int) -> bool:
     with store.engine.connect() as conn:
         return conn.execute(sa.text("SELECT count(*) FROM pg_stat_activity WHERE pid = :p"),
@@ -268,6 +284,7 @@ def test_kill_9_during_apply_leaves_store_consistent(fresh_slapd: Any, store_url
             if began is not None:
                 time.sleep(max(0.0, began + delay - time.monotonic()))
             proc.kill9()
+            _settled(store)
             rc = proc.popen.returncode
             assert rc in (0, -signal.SIGKILL), f"sync-{i:02d} exited {rc}:\n{proc.log_text()}"
             outcome = "killed" if rc else "finished"
